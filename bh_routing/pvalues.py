@@ -1,0 +1,282 @@
+"""P-value models for BH routing, and the calibration data the calibrated ones need.
+
+Why several models (see DESIGN.md): ``softmax`` p-values (1 - prob) are ~0.85 on OLMoE's flat router
+and BH selects nothing; a per-layer ``pooled`` null is uniform by construction and BH finds little.
+``empirical`` compares each expert's logit with *that expert's own* logits on calibration tokens
+where the native top-k did not route to it — a null of "irrelevant" affinities.
+
+Every model maps float32 logits [T, N] (already divided by nothing: temperature is applied here)
+to float32 p-values [T, N] in (0, 1]; calibrated models use the exact empirical upper tail
+p = (1 + #{null >= x}) / (n + 1), so no p-value is 0.
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+PVALUE_MODELS = ("softmax", "pooled", "empirical", "zscore")
+CALIBRATED = ("pooled", "empirical")
+FILE_FORMAT = "bh_routing.calibration/1"
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+@dataclass
+class Calibration:
+    """Null logit samples per layer (``pooled``) and per layer and expert (``empirical``).
+
+    Sorted ascending, padded with +inf to a common length; ``*_counts`` holds the real lengths.
+    """
+    empirical: torch.Tensor  # [L, N, M] float32: expert e's logits on tokens not routed to e
+    empirical_counts: torch.Tensor  # [L, N] long
+    pooled: torch.Tensor  # [L, M'] float32: all experts' logits on all tokens
+    pooled_counts: torch.Tensor  # [L] long
+    top_k: int
+    metadata: dict = field(default_factory=dict)
+    _device_cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def num_layers(self) -> int:
+        return self.empirical.shape[0]
+
+    @property
+    def num_experts(self) -> int:
+        return self.empirical.shape[1]
+
+    @classmethod
+    def from_router_logits(cls, router_logits: Sequence[torch.Tensor], top_k: int,
+                           max_samples_per_expert: int = 8192, max_samples_pooled: int = 65536,
+                           seed: int = 0, metadata: dict | None = None) -> "Calibration":
+        """Build from one calibration pass: ``router_logits[layer]`` is [T, N] (native routing,
+        padding tokens already removed). Larger nulls are subsampled at random (seeded) so the
+        stored sample stays exchangeable with new logits and the p-values stay valid."""
+        if not router_logits:
+            raise ValueError("calibration needs router logits of at least one layer")
+        generator = torch.Generator().manual_seed(seed)
+        empirical, empirical_counts, pooled, pooled_counts = [], [], [], []
+        for layer, logits in enumerate(router_logits):
+            logits = logits.detach().float().cpu()  # [T, N]
+            if logits.dim() != 2 or not bool(torch.isfinite(logits).all()):
+                raise ValueError(f"layer {layer}: calibration logits must be finite [tokens, experts]")
+            num_tokens, num_experts = logits.shape
+            if not 0 < top_k < num_experts:
+                raise ValueError(f"top_k must be in 1..{num_experts - 1}, got {top_k}")
+            routed = torch.zeros_like(logits, dtype=torch.bool)
+            routed.scatter_(1, torch.topk(torch.softmax(logits, -1), top_k, dim=-1).indices, True)
+            # Random subsample of each expert's non-routed logits: the M smallest random keys.
+            keys = torch.rand(logits.shape, generator=generator).masked_fill(routed, math.inf).T  # [N, T]
+            take = min(max_samples_per_expert, num_tokens)
+            chosen_keys, chosen = torch.topk(keys, take, dim=1, largest=False)
+            values = logits.T.gather(1, chosen).masked_fill(torch.isinf(chosen_keys), math.inf)
+            empirical.append(values.sort(dim=1).values)
+            empirical_counts.append(torch.isfinite(chosen_keys).sum(dim=1))
+            flat = logits.flatten()
+            pick = torch.randperm(flat.numel(), generator=generator)[:max_samples_pooled]
+            pooled.append(flat[pick].sort().values)
+            pooled_counts.append(torch.tensor(pick.numel()))
+        width = max(v.shape[1] for v in empirical)
+        empirical = [torch.nn.functional.pad(v, (0, width - v.shape[1]), value=math.inf) for v in empirical]
+        width = max(v.numel() for v in pooled)
+        pooled = [torch.nn.functional.pad(v, (0, width - v.numel()), value=math.inf) for v in pooled]
+        meta = {"num_tokens": int(router_logits[0].shape[0]), "seed": seed, **(metadata or {})}
+        return cls(torch.stack(empirical), torch.stack(empirical_counts), torch.stack(pooled),
+                   torch.stack(pooled_counts), top_k, meta)
+
+    def save(self, path) -> None:
+        from safetensors.torch import save_file
+        tensors = {"empirical": self.empirical, "empirical_counts": self.empirical_counts,
+                   "pooled": self.pooled, "pooled_counts": self.pooled_counts}
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(path),
+                  metadata={"format": FILE_FORMAT, "top_k": str(self.top_k),
+                            "metadata": json.dumps(self.metadata, sort_keys=True)})
+
+    @classmethod
+    def load(cls, path) -> "Calibration":
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            if header.get("format") != FILE_FORMAT:
+                raise ValueError(f"{path} is not a bh_routing calibration file (format {header.get('format')!r})")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return cls(tensors["empirical"], tensors["empirical_counts"], tensors["pooled"],
+                   tensors["pooled_counts"], int(header["top_k"]), json.loads(header["metadata"]))
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(empirical, empirical_counts, pooled, pooled_counts) on ``device``, cached."""
+        if device not in self._device_cache:
+            self._device_cache[device] = tuple(t.to(device) for t in
+                                               (self.empirical, self.empirical_counts, self.pooled, self.pooled_counts))
+        return self._device_cache[device]
+
+    def tail_index(self, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(keys [N*M] int64, counts [N], M): layer ``layer``'s per-expert nulls as one ascending
+        1-D array, row e's monotone float keys offset by e * 2**32, so one flat searchsorted
+        answers queries for any mix of experts."""
+        key = ("tail", layer, device)
+        if key not in self._device_cache:
+            null = self.empirical[layer]  # [N, M]
+            rows = torch.arange(null.shape[0])[:, None] << 32
+            self._device_cache[key] = ((rows + monotone_key(null)).reshape(-1).to(device),
+                                       self.empirical_counts[layer].to(device), null.shape[1])
+        return self._device_cache[key]
+
+    def tail_thresholds(self, layer: int, cutoff: float, device: torch.device) -> torch.Tensor:
+        """[N] logits t_e with  p_e(x) <= cutoff  <=>  x > t_e  for the float32 p-values of
+        ``upper_tail_pvalues`` (found by evaluating that very arithmetic for every count)."""
+        key = ("threshold", layer, cutoff, device)
+        if key not in self._device_cache:
+            null, counts = self.empirical[layer], self.empirical_counts[layer]  # [N, M], [N]
+            at_or_above = torch.arange(null.shape[1] + 1)[None, :]  # candidate #{null >= x}
+            p = (at_or_above + 1).float() / (counts[:, None] + 1).float()
+            ok = (p <= torch.tensor(cutoff, dtype=torch.float32)) & (at_or_above <= counts[:, None])
+            largest = torch.where(ok, at_or_above, -1).amax(dim=1)  # [N] largest allowed count, -1: none
+            below = counts - largest - 1  # x must exceed the null value with this many below it
+            thresholds = torch.where(largest < 0, torch.full_like(null[:, 0], math.inf),
+                                     null.gather(1, below.clamp(min=0)[:, None]).squeeze(1))
+            thresholds = torch.where(below < 0, torch.full_like(thresholds, -math.inf), thresholds)
+            self._device_cache[key] = thresholds.to(device)
+        return self._device_cache[key]
+
+    def check_layer(self, layer: int | None, num_experts: int) -> int:
+        if layer is None:
+            raise ValueError("calibrated p-values need the layer index: call router(logits, layer=i)")
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer {layer} is outside the calibration's {self.num_layers} layers: "
+                             "the calibration was made for a different model; recalibrate on this one")
+        if num_experts != self.num_experts:
+            raise ValueError(f"logits have {num_experts} experts but the calibration has {self.num_experts}: "
+                             "recalibrate on this model")
+        return layer
+
+
+# --------------------------------------------------------------------------- p-value models
+
+
+def upper_tail_pvalues(null_sorted: torch.Tensor, null_counts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Exact empirical upper-tail p-values (1 + #{null >= x}) / (n + 1).
+
+    ``null_sorted`` [R, M] ascending (+inf padding beyond ``null_counts`` [R]); ``x`` [R, Q].
+    """
+    below = torch.searchsorted(null_sorted, x.contiguous(), side="left")  # #{null < x}
+    at_or_above = null_counts[:, None] - below
+    return (at_or_above + 1).float() / (null_counts[:, None] + 1).float()
+
+
+def monotone_key(x: torch.Tensor) -> torch.Tensor:
+    """int64 in [0, 2**32) ordered as the float32 values of ``x`` (+inf included)."""
+    bits = x.float().view(torch.int32).long()
+    return torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits) + 2**31
+
+
+def _truncate(p: torch.Tensor, cutoff: float | None) -> torch.Tensor:
+    return p if cutoff is None else torch.where(p <= cutoff, p, torch.ones((), dtype=p.dtype, device=p.device))
+
+
+def _softmax_pvalues(temperature):
+    def pvalues(logits, layer, cutoff=None):
+        return _truncate(1.0 - torch.softmax(logits / temperature, dim=-1, dtype=torch.float32), cutoff)
+    return pvalues
+
+
+def _zscore_pvalues(temperature):
+    if temperature != 1.0:
+        raise ValueError("temperature has no effect on zscore p-values (the z-score is scale-invariant); "
+                         "tune alpha instead, or use pvalues='empirical'")
+
+    def pvalues(logits, layer, cutoff=None):
+        x = logits.double()
+        med = _median(x)
+        mad = _median((x - med).abs())
+        scale = (1.4826 * mad).clamp(min=torch.finfo(torch.float64).tiny)
+        z = (x - med) / scale
+        return _truncate((0.5 * torch.erfc(z / math.sqrt(2.0))).float(), cutoff)
+    return pvalues
+
+
+def _median(x: torch.Tensor) -> torch.Tensor:
+    """Row medians [T, 1] averaging the two middle values for even N (as numpy does)."""
+    ordered = x.sort(dim=1).values
+    n = x.shape[1]
+    return ((ordered[:, (n - 1) // 2] + ordered[:, n // 2]) / 2)[:, None]
+
+
+def _pooled_pvalues(temperature, calibration):
+    def pvalues(logits, layer, cutoff=None):
+        calibration.check_layer(layer, logits.shape[1])
+        _, _, pooled, pooled_counts = calibration.on(logits.device)
+        x = (logits / temperature).float().reshape(1, -1)  # [1, T*N]
+        p = upper_tail_pvalues(pooled[layer:layer + 1], pooled_counts[layer:layer + 1], x).view_as(logits)
+        return _truncate(p, cutoff)
+    return pvalues
+
+
+def _empirical_pvalues(temperature, calibration):
+    def pvalues(logits, layer, cutoff=None):
+        calibration.check_layer(layer, logits.shape[1])
+        x = (logits / temperature).float()  # [T, N]
+        if cutoff is None:
+            empirical, counts, _, _ = calibration.on(logits.device)
+            return upper_tail_pvalues(empirical[layer], counts[layer], x.T).T  # [T, N]
+        # Only p <= cutoff can matter to a step-up procedure: look up just those entries
+        # (a few per token) instead of all T*N — an exact search costs ~4x native top-k on CPU.
+        tail = x > calibration.tail_thresholds(layer, cutoff, x.device)  # [T, N]
+        tokens, experts = tail.nonzero(as_tuple=True)
+        keys, counts, width = calibration.tail_index(layer, x.device)
+        query = (experts << 32) + monotone_key(x[tokens, experts])
+        below = torch.searchsorted(keys, query, side="left") - experts * width  # #{null < x}
+        n = counts[experts]
+        p = torch.ones_like(x)
+        p[tokens, experts] = (n - below + 1).float() / (n + 1).float()
+        return p
+    return pvalues
+
+
+def _check_resolution(calibration: Calibration, model: str, alpha: float) -> None:
+    """The smallest attainable p-value is 1/(n+1): say so when alpha cannot be reached."""
+    counts = calibration.empirical_counts if model == "empirical" else calibration.pooled_counts
+    best = 1.0 / (int(counts.max()) + 1)
+    num_experts = calibration.num_experts
+    if best > alpha:
+        raise ValueError(f"with at most {int(counts.max())} calibration samples the smallest {model} "
+                         f"p-value is {best:.2e} > alpha={alpha}: BH can never select an expert. "
+                         "Calibrate on more tokens or raise alpha.")
+    if best > alpha / num_experts:
+        warnings.warn(f"{model} p-values have resolution {best:.2e} > alpha/N = {alpha / num_experts:.2e}: "
+                      "BH cannot select a single expert on its own; calibrate on more tokens for small alpha",
+                      stacklevel=3)
+
+
+def build_pvalue_model(name: str, temperature: float = 1.0, calibration: Calibration | None = None,
+                       alpha: float | None = None) -> Callable[..., torch.Tensor]:
+    """``model(logits [T, N] float32, layer, cutoff=None) -> p-values [T, N] float32``.
+
+    With ``cutoff``, p-values above it are reported as exactly 1: a step-up procedure whose largest
+    critical value is ``cutoff`` decides the same, and ``empirical`` gets much cheaper."""
+    from .selection import check_temperature
+    check_temperature(temperature)
+    if name not in PVALUE_MODELS:
+        raise ValueError(f"unknown p-value model {name!r}; choose one of {PVALUE_MODELS}")
+    if name == "softmax":
+        return _softmax_pvalues(temperature)
+    if name == "zscore":
+        return _zscore_pvalues(temperature)
+    if calibration is None:
+        raise ValueError(f"p-value model {name!r} needs a calibration: build one with "
+                         "Calibration.from_router_logits(...) (or `python -m bh_routing calibrate`) and pass "
+                         "calibration=..., or use pvalues='zscore' / 'softmax', which need none")
+    if alpha is not None:
+        _check_resolution(calibration, name, alpha)
+    return (_pooled_pvalues if name == "pooled" else _empirical_pvalues)(temperature, calibration)
+
+
+def compute_pvalues(router_logits: torch.Tensor, model: str = "empirical", layer: int | None = None,
+                    calibration: Calibration | None = None, temperature: float = 1.0) -> torch.Tensor:
+    """P-values [T, N] (float32) of ``router_logits`` [T, N] under a p-value model."""
+    from .selection import check_logits
+    return build_pvalue_model(model, temperature, calibration)(check_logits(router_logits), layer)

@@ -1,0 +1,422 @@
+"""Routing strategies: router logits [T, N] -> Routing(weights [T, K], indices [T, K], counts [T]).
+
+Pure tensor code (no transformers import), vectorised over tokens, one code path for CPU and GPU.
+
+Contract shared by every strategy
+---------------------------------
+* Input: router logits ``[T, N]`` of any float dtype on any device. They are upcast to float32
+  before anything else (p-values in bf16 would be floored at 2**-7 > alpha/64).
+* Output: a :class:`Routing` with ``K = max_k`` slots per token. Slot ``j`` of token ``t`` is real
+  iff ``j < counts[t]``; padded slots carry ``PAD_INDEX`` and weight 0, so they contribute nothing
+  even to a kernel that does not look at ``counts`` (an in-range index never crashes or reads
+  uninitialised rows, unlike an out-of-range sentinel).
+* Selection vs weights: ``temperature`` only changes *which* experts are chosen. Mixing weights are
+  the model's own softmax probabilities at T = 1 over all N experts (OLMoE's convention,
+  ``norm_topk_prob=False``); ``renormalize=True`` rescales them to sum to 1 over the chosen experts,
+  ``renormalize=None`` defers to the model family's convention (the patcher passes it in).
+* Ordering: real slots are in order of preference (decreasing probability; for ``bh``/``by``
+  increasing p-value with ties broken by the larger logit).
+* ``bh``/``by`` floor: when the test selects fewer than ``min_k`` experts, the remaining slots go
+  to the not-selected experts with the largest router logits. P-values above the largest critical
+  value carry no evidence, so they are not ranked among themselves (the strategy reports them as 1;
+  ``bh_select`` on raw p-values fills by p-value instead).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+
+from . import pvalues as pv
+
+PAD_INDEX = 0
+
+
+@dataclass(frozen=True)
+class Routing:
+    weights: torch.Tensor  # [T, K] float32, 0 at padded slots
+    indices: torch.Tensor  # [T, K] long, PAD_INDEX at padded slots
+    counts: torch.Tensor  # [T] long, number of real slots per token
+
+    @property
+    def mask(self) -> torch.Tensor:  # [T, K] bool, True at real slots
+        slots = torch.arange(self.indices.shape[1], device=self.indices.device)
+        return slots[None, :] < self.counts[:, None]
+
+    @property
+    def max_k(self) -> int:
+        return self.indices.shape[1]
+
+    def to(self, device) -> "Routing":
+        return Routing(self.weights.to(device), self.indices.to(device), self.counts.to(device))
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def check_logits(router_logits: torch.Tensor) -> torch.Tensor:
+    """Validate ``[T, N]`` logits and return them as float32 (float64 stays float64)."""
+    if not isinstance(router_logits, torch.Tensor) or router_logits.dim() != 2:
+        shape = tuple(router_logits.shape) if isinstance(router_logits, torch.Tensor) else type(router_logits)
+        raise ValueError(f"router logits must be a [tokens, experts] tensor, got {shape}; "
+                         "flatten batch and sequence first: logits.reshape(-1, num_experts)")
+    if not router_logits.is_floating_point():
+        raise TypeError(f"router logits must be floating point, got {router_logits.dtype}")
+    logits = router_logits if router_logits.dtype == torch.float64 else router_logits.float()
+    if logits.numel() and not bool(torch.isfinite(logits).all()):
+        bad = int((~torch.isfinite(logits)).sum())
+        raise ValueError(f"router logits contain {bad} NaN/inf values: the model's forward pass is "
+                         "numerically broken upstream of routing (try float32 or bfloat16 instead of float16)")
+    return logits
+
+
+def _check_k_range(min_k: int, max_k: int) -> None:
+    if min_k < 0:
+        raise ValueError(f"min_k must be >= 0, got {min_k}")
+    if max_k < 1:
+        raise ValueError(f"max_k must be >= 1, got {max_k}")
+    if min_k > max_k:
+        raise ValueError(f"min_k ({min_k}) must not exceed max_k ({max_k})")
+
+
+def _check_max_k_fits(max_k: int, num_experts: int) -> None:
+    if max_k > num_experts:
+        raise ValueError(f"max_k ({max_k}) exceeds the number of experts ({num_experts}); "
+                         f"use max_k <= {num_experts}")
+
+
+def check_alpha(alpha: float) -> None:
+    if not (isinstance(alpha, (int, float)) and 0.0 < alpha <= 1.0):
+        raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
+
+
+def check_temperature(temperature: float) -> None:
+    if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+
+
+# --------------------------------------------------------------------------- ordering
+
+
+def _descending_float_key(x: torch.Tensor) -> torch.Tensor:
+    """int64 in [0, 2**32) that sorts *descending* in the float32 value of ``x``."""
+    bits = x.float().view(torch.int32)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # int32, monotone in the float value
+    return (~ordered).long() + 2**31  # larger float -> smaller key
+
+
+def ordering_key(pvalues: torch.Tensor, tiebreak: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact lexicographic int64 key [T, N] for float32 p-values: high 32 bits = bits of p
+    (>= 0, so monotone), low 32 bits = descending tiebreak (the logit) or the column index."""
+    high = (pvalues + 0.0).view(torch.int32).long() << 32  # + 0.0 turns -0.0 into +0.0
+    if tiebreak is None:
+        return high | torch.arange(pvalues.shape[1], device=pvalues.device)
+    return high | _descending_float_key(tiebreak)
+
+
+def smallest_k_order(pvalues: torch.Tensor, k: int, tiebreak: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices [T, k] of the k smallest p-values per row, ascending; ties go to the larger
+    ``tiebreak`` value (the logit), then to the lower column index — never to sort instability."""
+    if pvalues.dtype == torch.float32:
+        return torch.topk(ordering_key(pvalues, tiebreak), k, dim=1, largest=False, sorted=True).indices
+    # float64: two stable sorts (logit first, then p) give the same lexicographic order.
+    num_experts = pvalues.shape[1]
+    perm = torch.arange(num_experts, device=pvalues.device).expand(pvalues.shape[0], -1)
+    if tiebreak is not None:
+        perm = torch.sort(tiebreak, dim=1, descending=True, stable=True).indices
+    by_p = torch.sort(pvalues.gather(1, perm), dim=1, stable=True).indices
+    return perm.gather(1, by_p)[:, :k]
+
+
+def _pack(order: torch.Tensor, counts: torch.Tensor, weights: torch.Tensor | None) -> Routing:
+    """Mask slots >= counts: weight 0 and PAD_INDEX. ``order``/``weights`` are [T, K]."""
+    slots = torch.arange(order.shape[1], device=order.device)
+    real = slots[None, :] < counts[:, None]
+    if weights is None:
+        weights = torch.ones(order.shape, dtype=torch.float32, device=order.device)
+    return Routing(weights=torch.where(real, weights, torch.zeros((), dtype=weights.dtype, device=order.device)),
+                   indices=torch.where(real, order, torch.full((), PAD_INDEX, device=order.device)),
+                   counts=counts)
+
+
+# --------------------------------------------------------------------------- the step-up kernel
+
+
+def stepup_critical_values(num_experts: int, alpha: float, procedure: str) -> torch.Tensor:
+    """Critical values c_k, k = 1..N, in float64, computed as statsmodels' ``multipletests`` does:
+    BH: (k/N)·alpha; BY: (k/N)/(sum_i 1/i)·alpha (valid under any dependence)."""
+    check_alpha(alpha)
+    ecdf = torch.arange(1, num_experts + 1, dtype=torch.float64) / num_experts
+    if procedure == "bh":
+        return ecdf * alpha
+    if procedure == "by":
+        harmonic = torch.sum(1.0 / torch.arange(1, num_experts + 1, dtype=torch.float64))
+        return ecdf / harmonic * alpha
+    raise ValueError(f"procedure must be 'bh' or 'by', got {procedure!r}")
+
+
+def clamped_stepup(pvalues: torch.Tensor, critical: torch.Tensor, min_k: int, max_k: int,
+                   tiebreak: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order [T, max_k], counts [T]) of the step-up procedure, counts clamped to [min_k, max_k].
+
+    k* = max{k : p_(k) <= c_k} only involves p-values <= c_N. The K = max_k smallest (needed
+    anyway to order the selection) settle every row with at most K of them; rows with more are
+    settled by a larger top-k on just those rows. No full sort.
+    """
+    order = smallest_k_order(pvalues, max_k, tiebreak)  # [T, K]
+    c_lo = _critical_rounded_down(critical, pvalues.dtype, pvalues.device)
+    rejections = _rejections(pvalues.gather(1, order), c_lo)
+    candidates = (pvalues <= c_lo[-1]).sum(dim=1)  # [T]
+    crowded = candidates > max_k
+    if bool(crowded.any()):
+        rows = crowded.nonzero().squeeze(1)
+        wide = smallest_k_order(pvalues[rows], int(candidates.max()), None if tiebreak is None else tiebreak[rows])
+        rejections = rejections.index_put((rows,), _rejections(pvalues[rows].gather(1, wide), c_lo))
+    return order, rejections.clamp(min_k, max_k)
+
+
+def _rejections(smallest: torch.Tensor, c_lo: torch.Tensor) -> torch.Tensor:
+    """max{k : p_(k) <= c_k} from the j smallest p-values [T, j], ascending (0 if none)."""
+    ks = torch.arange(1, smallest.shape[1] + 1, device=smallest.device)
+    return torch.where(smallest <= c_lo[:smallest.shape[1]], ks, 0).amax(dim=1)
+
+
+def _critical_rounded_down(critical: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
+    """c_k rounded down to ``dtype`` so that  p <= c_lo  <=>  p <= c_k  for p of that dtype."""
+    c_lo = critical.to(dtype)
+    too_high = c_lo.double() > critical
+    return torch.where(too_high, torch.nextafter(c_lo, torch.zeros_like(c_lo)), c_lo).to(device)
+
+
+def bh_select(pvalues: torch.Tensor, alpha: float, procedure: str = "bh", min_k: int = 0,
+              max_k: int | None = None, tiebreak: torch.Tensor | None = None) -> Routing:
+    """Benjamini–Hochberg (or Benjamini–Yekutieli) step-up on p-values ``[T, N]``.
+
+    Returns a Routing whose ``counts`` are the number of rejections clamped to [min_k, max_k]
+    (max_k defaults to N) and whose indices are in order of increasing p-value (ties: larger
+    ``tiebreak`` value first, then lower index). Below ``min_k`` the next-smallest p-values fill up;
+    above ``max_k`` the smallest ``max_k`` are kept. Weights are 1 at real slots.
+    """
+    if pvalues.dim() != 2 or not pvalues.is_floating_point():
+        raise ValueError(f"p-values must be a floating [tokens, experts] tensor, got {tuple(pvalues.shape)} {pvalues.dtype}")
+    num_experts = pvalues.shape[1]
+    max_k = num_experts if max_k is None else max_k
+    _check_k_range(min_k, max_k)
+    _check_max_k_fits(max_k, num_experts)
+    p = pvalues if pvalues.dtype == torch.float64 else pvalues.float()
+    if p.numel() and not bool(((p >= 0) & (p <= 1)).all()):
+        raise ValueError("p-values must lie in [0, 1] (and not be NaN)")
+    critical = stepup_critical_values(num_experts, alpha, procedure)
+    order, counts = clamped_stepup(p, critical, min_k, max_k, tiebreak)
+    return _pack(order, counts, None)
+
+
+# --------------------------------------------------------------------------- strategies
+
+
+@dataclass
+class Router:
+    """A configured strategy: ``router(logits [T, N], layer=None) -> Routing``.
+
+    ``select`` returns (order [T, K], counts [T] before clamping); the router clamps counts to
+    [min_k, max_k], packs, and attaches the mixing weights.
+    """
+    strategy: str
+    select: Callable[[torch.Tensor, int | None], tuple[torch.Tensor, torch.Tensor]]
+    min_k: int
+    max_k: int
+    renormalize: bool | None = None
+    uniform: bool = False
+    config: Mapping | None = None
+
+    def __call__(self, router_logits: torch.Tensor, layer: int | None = None,
+                 model_renormalizes: bool = False) -> Routing:
+        logits = check_logits(router_logits)
+        _check_max_k_fits(self.max_k, logits.shape[1])
+        order, counts = self.select(logits, layer)
+        counts = counts.clamp(self.min_k, self.max_k)
+        if self.uniform:
+            weights = (1.0 / counts.clamp(min=1).float())[:, None].expand(order.shape)
+            return _pack(order, counts, weights.contiguous())
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [T, N] the model's own weights
+        routing = _pack(order, counts, probs.gather(1, order))
+        renormalize = model_renormalizes if self.renormalize is None else self.renormalize
+        if renormalize:
+            total = routing.weights.sum(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+            routing = Routing(routing.weights / total, routing.indices, routing.counts)
+        return routing
+
+
+def _probabilities(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return torch.softmax(logits / temperature if temperature != 1.0 else logits, dim=-1, dtype=torch.float32)
+
+
+def _top_order(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """[T, k] experts by decreasing probability, exactly as HF's softmax + topk orders them."""
+    return torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float32), k, dim=-1).indices
+
+
+def _topk(params):
+    k = params.pop("k", 8)
+    for bound in ("min_k", "max_k"):
+        if params.get(bound, k) != k:
+            raise ValueError(f"top-k strategies use exactly k experts; got k={k} and {bound}={params[bound]} "
+                             f"(drop {bound})")
+    params["min_k"] = params["max_k"] = k
+
+    def select(logits, layer):
+        return _top_order(logits, k), torch.full((logits.shape[0],), k, device=logits.device)
+    return select
+
+
+def _threshold(params):
+    tau, t = params.pop("tau"), params.pop("temperature", 1.0)
+    if not 0.0 <= tau < 1.0:
+        raise ValueError(f"threshold tau must be in [0, 1), got {tau}")
+    check_temperature(t)
+    max_k = params["max_k"]
+
+    def select(logits, layer):
+        counts = (_probabilities(logits, t) > tau).sum(dim=1)
+        return _top_order(logits, max_k), counts
+    return select
+
+
+def _top_p(params):
+    mass, t = params.pop("p"), params.pop("temperature", 1.0)
+    if not 0.0 < mass <= 1.0:
+        raise ValueError(f"top_p p must be in (0, 1], got {mass}")
+    check_temperature(t)
+    max_k = params["max_k"]
+
+    def select(logits, layer):
+        top = torch.topk(_probabilities(logits, t), max_k, dim=-1).values  # [T, K] descending
+        # Smallest prefix with mass >= p, crossing expert included. Beyond K the clamp decides anyway.
+        counts = (top.cumsum(dim=1) < mass).sum(dim=1) + 1
+        return _top_order(logits, max_k), counts
+    return select
+
+
+def _ratio(params):
+    beta, t = params.pop("beta"), params.pop("temperature", 1.0)
+    if not 0.0 < beta <= 1.0:
+        raise ValueError(f"ratio beta must be in (0, 1], got {beta}")
+    check_temperature(t)
+    max_k = params["max_k"]
+
+    def select(logits, layer):
+        probs = _probabilities(logits, t)
+        counts = (probs >= beta * probs.amax(dim=1, keepdim=True)).sum(dim=1)
+        return _top_order(logits, max_k), counts
+    return select
+
+
+def entropy_buckets(router_logits: torch.Tensor, ks: list[int], temperature: float = 1.0) -> list[float]:
+    """Calibrate the ``entropy`` strategy: edges (normalised entropy) at the quantiles of the
+    observed entropies, so each k in ``ks`` (ascending) is used by an equal share of tokens."""
+    entropy = normalised_entropy(check_logits(router_logits), temperature)
+    quantiles = torch.arange(1, len(ks), dtype=torch.float64) / len(ks)
+    return torch.quantile(entropy.double().cpu(), quantiles).tolist()
+
+
+def normalised_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """[T] routing entropy divided by log N, in [0, 1]."""
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(dim=1) / math.log(logits.shape[1])
+
+
+def _entropy(params):
+    t = params.pop("temperature", 1.0)
+    check_temperature(t)
+    min_k, max_k = params["min_k"], params["max_k"]
+    ks = params.pop("ks", None) or list(range(max(min_k, 1), max_k + 1))
+    edges = params.pop("edges", None)
+    if edges is None:  # uncalibrated default: equal-width buckets of normalised entropy
+        edges = [i / len(ks) for i in range(1, len(ks))]
+    if len(edges) != len(ks) - 1 or list(edges) != sorted(edges):
+        raise ValueError(f"entropy needs ascending edges with len(edges) == len(ks) - 1; "
+                         f"got {len(edges)} edges for {len(ks)} ks (see entropy_buckets())")
+
+    def select(logits, layer):
+        bucket = torch.bucketize(normalised_entropy(logits, t), torch.tensor(edges, device=logits.device))
+        counts = torch.tensor(ks, device=logits.device)[bucket]
+        return _top_order(logits, max_k), counts
+    return select
+
+
+def _stepup(procedure):
+    def make(params, calibration=None):
+        alpha = params.pop("alpha", 0.05)
+        check_alpha(alpha)
+        model = params.pop("pvalues", "empirical")
+        t = params.pop("temperature", 1.0)
+        pvalue_model = pv.build_pvalue_model(model, temperature=t, calibration=calibration, alpha=alpha)
+        min_k, max_k = params["min_k"], params["max_k"]
+        tables: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+        def select(logits, layer):
+            key = (logits.shape[1], logits.device)
+            if key not in tables:
+                critical = stepup_critical_values(logits.shape[1], alpha, procedure)
+                cutoff = float(_critical_rounded_down(critical, torch.float32, "cpu")[-1])
+                tables[key] = critical, cutoff
+            critical, cutoff = tables[key]
+            p = pvalue_model(logits, layer, cutoff)  # [T, N] float32; p > cutoff reported as 1
+            return clamped_stepup(p, critical, min_k, max_k, tiebreak=logits)
+        return select
+    return make
+
+
+STRATEGIES: dict[str, Callable] = {
+    "topk": _topk,
+    "topk_renorm": _topk,
+    "topk_uniform": _topk,
+    "threshold": _threshold,
+    "top_p": _top_p,
+    "ratio": _ratio,
+    "entropy": _entropy,
+    "bh": _stepup("bh"),
+    "by": _stepup("by"),
+}
+_NEEDS_CALIBRATION = {"bh", "by"}
+
+
+def build_router(config: Mapping | Router, calibration: "pv.Calibration | None" = None) -> Router:
+    """Build a Router from a config such as
+    ``{"strategy": "bh", "alpha": 0.05, "pvalues": "empirical", "max_k": 8}``.
+
+    Common keys: ``min_k`` (default 1), ``max_k`` (default 8), ``renormalize`` (default: the
+    model's convention). Per strategy: topk* ``k``; threshold ``tau``; top_p ``p``; ratio ``beta``;
+    entropy ``ks``/``edges``; bh/by ``alpha``, ``pvalues`` (softmax|pooled|empirical|zscore).
+    ``temperature`` where it changes the selection.
+    """
+    if isinstance(config, Router):
+        return config
+    params = dict(config)
+    name = params.pop("strategy", None)
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}")
+    if name not in ("topk", "topk_renorm", "topk_uniform"):
+        params.setdefault("min_k", 1)
+        params.setdefault("max_k", 8)
+    renormalize = params.pop("renormalize", None)
+    if name == "topk_renorm":
+        renormalize = True
+    make = STRATEGIES[name]
+    select = make(params, calibration) if name in _NEEDS_CALIBRATION else make(params)
+    min_k, max_k = params.pop("min_k"), params.pop("max_k")
+    _check_k_range(min_k, max_k)
+    params.pop("name", None)  # a human label, allowed anywhere
+    if params:
+        raise ValueError(f"strategy {name!r} does not take {sorted(params)}; see build_router's docstring")
+    return Router(strategy=name, select=select, min_k=min_k, max_k=max_k, renormalize=renormalize,
+                  uniform=(name == "topk_uniform"), config=dict(config))
+
+
+def route(router_logits: torch.Tensor, config: Mapping | Router, layer: int | None = None,
+          calibration: "pv.Calibration | None" = None, model_renormalizes: bool = False) -> Routing:
+    """Route ``[T, N]`` logits with a config (or a built Router). ``layer`` selects the
+    calibration of that layer for calibrated p-value models."""
+    return build_router(config, calibration)(router_logits, layer, model_renormalizes)
