@@ -1,100 +1,187 @@
-"""Command line: ``python -m bh_routing demo`` (the README's main command).
+"""bh_routing command line.
 
-The demo runs offline on the bundled tiny trained OLMoE and bundled WikiText-2: it calibrates the
-p-value models on the router logits of the first half of the token budget, then reports how many
-experts each routing strategy selects on the second half (per layer, with floor/ceiling hit rates).
+  python -m bh_routing demo                     the whole pipeline, offline, on the bundled tiny OLMoE
+  python -m bh_routing calibrate --model M      one native pass → calibration file for BH p-values
+  python -m bh_routing sweep --preset full --model allenai/OLMoE-1B-7B-0924 --out results/full
+  python -m bh_routing report results/full      tables, statistics, figures and REPORT.md
+
+A sweep writes every finished run to <out>/results.jsonl at once; run the same command again after
+an interruption (a Colab disconnect, Ctrl-C) and it continues where it stopped. Everything is also
+logged to <out>/bh_routing.log.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import platform
+import logging
 import sys
 import time
 from pathlib import Path
 
-import torch
+log = logging.getLogger("bh_routing")
 
-DEMO_STRATEGIES = [
-    {"name": "native top-8", "strategy": "topk", "k": 8},
-    {"name": "top-p 0.5", "strategy": "top_p", "p": 0.5, "max_k": 8},
-    {"name": "BH softmax α=0.05", "strategy": "bh", "pvalues": "softmax", "alpha": 0.05, "max_k": 8},
-    {"name": "BH zscore α=0.05", "strategy": "bh", "pvalues": "zscore", "alpha": 0.05, "max_k": 8},
-    {"name": "BH pooled α=0.05", "strategy": "bh", "pvalues": "pooled", "alpha": 0.05, "max_k": 8},
-    {"name": "BH empirical α=0.05", "strategy": "bh", "pvalues": "empirical", "alpha": 0.05, "max_k": 8},
-    {"name": "BH empirical α=0.20", "strategy": "bh", "pvalues": "empirical", "alpha": 0.20, "max_k": 8},
-    {"name": "BY empirical α=0.05", "strategy": "by", "pvalues": "empirical", "alpha": 0.05, "max_k": 8},
+DEMO_RUNS = [  # (label, config): a cross-section of every idea, small enough for 2 CPU cores
+    ("native top-8", {"strategy": "topk", "k": 8}),
+    ("top-4", {"strategy": "topk", "k": 4}),
+    ("top-2", {"strategy": "topk", "k": 2}),
+    ("BH empirical α=0.05", {"strategy": "bh", "pvalues": "empirical", "alpha": 0.05}),
+    ("BH empirical α=0.20", {"strategy": "bh", "pvalues": "empirical", "alpha": 0.20}),
+    ("BH empirical α=0.50", {"strategy": "bh", "pvalues": "empirical", "alpha": 0.50}),
+    ("BH zscore α=0.05", {"strategy": "bh", "pvalues": "zscore", "alpha": 0.05}),
+    ("BH softmax α=0.05", {"strategy": "bh", "pvalues": "softmax", "alpha": 0.05}),
+    ("top-p 0.3", {"strategy": "top_p", "p": 0.3}),
 ]
 
 
-def router_logits_of(model, input_ids: torch.Tensor, window: int) -> list[torch.Tensor]:
-    """Per-layer router logits [T, N] of a token stream, in windows of ``window`` tokens."""
-    per_layer: list[list[torch.Tensor]] = []
-    with torch.no_grad():
-        for start in range(0, input_ids.numel(), window):
-            chunk = input_ids[start:start + window][None].to(model.device)  # [1, S]
-            out = model(chunk, output_router_logits=True)
-            for layer, logits in enumerate(out.router_logits):
-                if len(per_layer) <= layer:
-                    per_layer.append([])
-                per_layer[layer].append(logits.reshape(-1, logits.shape[-1]).float().cpu())
-    return [torch.cat(chunks) for chunks in per_layer]
-
-
-def demo(args) -> int:
-    from . import Calibration, build_router
-    from .data import load_wikitext_documents
-    from .models import load_model
-
-    started = time.time()
-    model, tokenizer = load_model(args.model)
-    documents = load_wikitext_documents()
-    text = "".join(record["page"] for record in documents.records)
-    ids = torch.tensor(tokenizer(text[: args.tokens * 12])["input_ids"][: 2 * args.tokens])
-    calibration_ids, eval_ids = ids[: args.tokens], ids[args.tokens:]
-    print(f"model {args.model}: {model.config.num_hidden_layers} layers, {model.config.num_experts} experts, "
-          f"top-{model.config.num_experts_per_tok}; WikiText-2 test: {calibration_ids.numel()} calibration + "
-          f"{eval_ids.numel()} evaluation tokens")
-    calibration = Calibration.from_router_logits(
-        router_logits_of(model, calibration_ids, args.window), top_k=model.config.num_experts_per_tok,
-        metadata={"model": args.model, "data": "wikitext-2-raw-v1 test (bundled)", "tokens": args.tokens})
-    eval_logits = router_logits_of(model, eval_ids, args.window)
-    rows = []
-    for config in DEMO_STRATEGIES:
-        router = build_router(config, calibration)
-        counts = torch.stack([router(logits, layer).counts for layer, logits in enumerate(eval_logits)])  # [L, T]
-        rows.append({"strategy": config["name"], "config": config, "mean_experts": counts.float().mean().item(),
-                     "per_layer": counts.float().mean(dim=1).tolist(),
-                     "floor_rate": (counts == router.min_k).float().mean().item(),
-                     "ceiling_rate": (counts == router.max_k).float().mean().item()})
-    print(f"\n{'strategy':22s} {'mean k':>7s} {'floor':>6s} {'ceiling':>8s}   per layer")
-    for row in rows:
-        print(f"{row['strategy']:22s} {row['mean_experts']:7.2f} {row['floor_rate']:6.1%} {row['ceiling_rate']:8.1%}"
-              f"   {' '.join(f'{k:.1f}' for k in row['per_layer'])}")
-    out = Path(args.out)
+def _setup_logging(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    report = {"model": args.model, "data": "wikitext-2-raw-v1 test (bundled), first tokens of the documents",
-              "calibration_tokens": int(calibration_ids.numel()), "eval_tokens": int(eval_ids.numel()),
-              "window": args.window, "torch": torch.__version__, "python": platform.python_version(),
-              "seconds": round(time.time() - started, 1), "results": rows}
-    (out / "demo_routing.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
+    handler = logging.FileHandler(out / "bh_routing.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+    log.info(message)
+
+
+def _load(args):
+    from .models import load_model
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    return model, tokenizer
+
+
+def _calibration(args, model, tokenizer):
+    from .experiments import calibrate
+    from .pvalues import Calibration
+    if getattr(args, "calibration", None):
+        _say(f"calibration: {args.calibration}")
+        return Calibration.load(args.calibration), None
+    started = time.time()
+    calibration, logits = calibrate(model, tokenizer, max_tokens=args.calibration_tokens, model_id=args.model)
+    _say(f"calibrated on {calibration.metadata['tokens']} tokens of {calibration.metadata['data']} "
+         f"({time.time() - started:.0f} s)")
+    return calibration, logits
+
+
+def _presets(name: str, budget, calibration, logits):
+    from . import experiments as ex
+    if name == "full":
+        return ex.full_experiments(budget)
+    if name == "deep-dive":
+        return ex.bh_deep_dive(budget)
+    if name == "prompts":
+        return ex.prompt_suite(budget)
+    if name == "matched":
+        if logits is None:
+            raise SystemExit("--preset matched searches knobs on calibration logits: run without --calibration")
+        return ex.matched_compute(budget, logits, calibration)
+    raise SystemExit(f"unknown preset {name!r}")
+
+
+def cmd_demo(args) -> int:
+    from . import experiments as ex
+    from .report import build_report
+    out = Path(args.out)
+    _setup_logging(out)
+    started = time.time()
+    model, tokenizer = _load(args)
+    calibration, logits = _calibration(args, model, tokenizer)
     calibration.save(out / "calibration.safetensors")
-    print(f"\nwrote {out / 'demo_routing.json'} and the calibration ({time.time() - started:.0f} s)")
-    print("floor = share of token-layers at min_k (BH found fewer); ceiling = share at max_k.")
+    budget = ex.BUDGETS[args.budget]
+    matched = ex.calibrate_to_mean_k({"strategy": "bh", "pvalues": "empirical"}, 4, logits, calibration)
+    configs = DEMO_RUNS + [(f"BH empirical @k̄=4 (α={matched['alpha']:.3g})", matched)]
+    runs = [ex.Run(label, cfg, task, budget.n_for(task), max_length=budget.max_length, group="demo")
+            for task in ("wikitext", "hellaswag", "lambada") for label, cfg in configs]
+    runs += ex.prompt_suite(budget)
+    context = ex.SweepContext(model, tokenizer, args.model, calibration)
+    records = ex.run_sweep(context, runs, out, name="demo")
+    report = build_report(out)
+    _summarise(records)
+    _say(f"\nreport: {report}  ({time.time() - started:.0f} s in all)")
+    return 0
+
+
+def _summarise(records) -> None:
+    print(f"\n{'configuration':34s} {'task':9s} {'experts':>7s} {'floor':>6s}  quality")
+    for r in records:
+        if r["status"] != "ok":
+            print(f"{r['label']:34s} {r['task']:9s} FAILED: {r['error']}")
+            continue
+        metrics = r.get("metrics") or {}
+        quality = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not k.endswith("_stderr"))
+        print(f"{r['label'][:34]:34s} {r['task']:9s} {r['experts']['mean_experts']:7.2f} {r['floor_rate']:6.1%}  {quality}")
+
+
+def cmd_calibrate(args) -> int:
+    out = Path(args.out)
+    _setup_logging(out.parent)
+    model, tokenizer = _load(args)
+    calibration, _ = _calibration(args, model, tokenizer)
+    calibration.save(out)
+    _say(f"wrote {out}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from . import experiments as ex
+    from .report import build_report
+    out = Path(args.out)
+    _setup_logging(out)
+    model, tokenizer = _load(args)
+    calibration, logits = _calibration(args, model, tokenizer)
+    runs = _presets(args.preset, ex.BUDGETS[args.budget], calibration, logits)
+    _say(f"sweep {args.preset}: {len(runs)} runs, budget {args.budget} → {out}")
+    ex.run_sweep(ex.SweepContext(model, tokenizer, args.model, calibration), runs, out, name=args.preset,
+                 retry_failed=args.retry_failed)
+    _say(f"report: {build_report(out)}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import build_report
+    print(build_report(args.folder))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bh_routing", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("demo", help="offline demo on the bundled tiny model and WikiText-2")
-    run.add_argument("--model", default="tiny", help="'tiny' (bundled), a local path or a hub id")
-    run.add_argument("--tokens", type=int, default=4096, help="calibration tokens (the same again are evaluated)")
-    run.add_argument("--window", type=int, default=512, help="tokens per forward pass")
-    run.add_argument("--out", default="results/demo", help="output folder")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def model_options(p, default_out):
+        p.add_argument("--model", default="tiny", help="'tiny' (bundled), a local folder or a hub id "
+                                                       "such as allenai/OLMoE-1B-7B-0924 (default: tiny)")
+        p.add_argument("--device", default="auto", help="auto (cuda if present), cuda or cpu")
+        p.add_argument("--dtype", default="auto", help="auto (fp16 on T4, bf16 on Ampere+, fp32 on CPU), fp16, bf16, fp32")
+        p.add_argument("--out", default=default_out, help=f"output folder (default: {default_out})")
+        p.add_argument("--calibration-tokens", type=int, default=16384,
+                       help="tokens of held-out WikiText-2 for the p-value calibration (default 16384)")
+
+    demo = commands.add_parser("demo", help="offline end-to-end demo on the bundled tiny model (a few minutes)")
+    model_options(demo, "results/demo")
+    demo.add_argument("--budget", default="demo", choices=["smoke", "demo"], help="how many items per task")
+    demo.set_defaults(run=cmd_demo)
+
+    calibrate = commands.add_parser("calibrate", help="save a calibration file for the empirical/pooled p-values")
+    model_options(calibrate, "results/calibration.safetensors")
+    calibrate.set_defaults(run=cmd_calibrate)
+
+    sweep = commands.add_parser("sweep", help="run a preset sweep (resumable) and write its report")
+    model_options(sweep, "results/sweep")
+    sweep.add_argument("--preset", required=True, choices=["full", "deep-dive", "matched", "prompts"])
+    sweep.add_argument("--budget", default="colab", choices=["smoke", "demo", "colab", "full"],
+                       help="items per task: colab fits a free T4 session, full is every item")
+    sweep.add_argument("--calibration", help="a calibration file (else calibrate first)")
+    sweep.add_argument("--retry-failed", action="store_true", help="run failed runs again")
+    sweep.set_defaults(run=cmd_sweep)
+
+    report = commands.add_parser("report", help="(re)build tables, figures and REPORT.md of a sweep folder")
+    report.add_argument("folder")
+    report.set_defaults(run=cmd_report)
+
     args = parser.parse_args(argv)
-    return demo(args)
+    return args.run(args)
 
 
 if __name__ == "__main__":

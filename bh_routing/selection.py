@@ -390,7 +390,7 @@ def build_router(config: Mapping | Router, calibration: "pv.Calibration | None" 
     Common keys: ``min_k`` (default 1), ``max_k`` (default 8), ``renormalize`` (default: the
     model's convention). Per strategy: topk* ``k``; threshold ``tau``; top_p ``p``; ratio ``beta``;
     entropy ``ks``/``edges``; bh/by ``alpha``, ``pvalues`` (softmax|pooled|empirical|zscore).
-    ``temperature`` where it changes the selection.
+    ``temperature`` where it changes the selection. ``name`` and ``calibrated`` are informational.
     """
     if isinstance(config, Router):
         return config
@@ -408,7 +408,8 @@ def build_router(config: Mapping | Router, calibration: "pv.Calibration | None" 
     select = make(params, calibration) if name in _NEEDS_CALIBRATION else make(params)
     min_k, max_k = params.pop("min_k"), params.pop("max_k")
     _check_k_range(min_k, max_k)
-    params.pop("name", None)  # a human label, allowed anywhere
+    for informational in ("name", "calibrated"):  # a label; how calibrate_to_mean_k found the knob
+        params.pop(informational, None)
     if params:
         raise ValueError(f"strategy {name!r} does not take {sorted(params)}; see build_router's docstring")
     return Router(strategy=name, select=select, min_k=min_k, max_k=max_k, renormalize=renormalize,

@@ -1,0 +1,226 @@
+"""Turn a sweep folder into tables, statistics, figures and REPORT.md.
+
+``results/<run-name>/`` after :func:`build_report`:
+  results.jsonl          one record per run (written by the sweep)
+  runs.csv               one row per run: config knobs, mean experts, floor/ceiling, quality, speed
+  experts_per_layer.csv  mean experts per token per layer and run
+  comparison.csv         each run vs native top-8 on the same task: paired tests, each with its unit
+  prompts.csv            prompt-suite runs: one row per prompt and configuration
+  analysis_summary.json  the headline numbers with the context (model, data, settings) behind them
+  *.png                  figures; REPORT.md embeds them
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import analysis, plots
+from .store import ResultStore, write_atomic, write_json
+
+QUALITY = {  # task -> (metric, higher is better): the number a Pareto plot of that task shows
+    "wikitext": ("word_perplexity", False),
+    "hellaswag": ("acc_norm", True),
+    "lambada": ("acc", True),
+}
+KNOB_COLUMNS = ("k", "alpha", "pvalues", "temperature", "min_k", "max_k", "p", "tau", "beta")
+
+
+def runs_table(records: list[dict]) -> pd.DataFrame:
+    rows = []
+    for r in records:
+        routing = r.get("routing") or {}
+        row = {"run_id": r["run_id"], "label": r["label"], "group": r.get("group", ""), "task": r["task"],
+               "strategy": r.get("strategy") or routing.get("strategy"), "status": r["status"],
+               "n_items": r.get("n_items", r.get("n")), "max_length": r.get("max_length"),
+               "seconds": r.get("seconds"), "tokens_per_s": r.get("tokens_per_s"),
+               "mean_experts": (r.get("experts") or {}).get("mean_experts"),
+               "floor_rate": r.get("floor_rate"), "ceiling_rate": r.get("ceiling_rate"),
+               "error": r.get("error")}
+        row |= {knob: routing.get(knob) for knob in KNOB_COLUMNS}
+        if "per_layer" in routing:
+            row["pvalues"] = "per-layer"
+        if routing.get("strategy") in ("bh", "by"):
+            row["pvalues"] = row["pvalues"] or "empirical"
+            row["alpha"] = row["alpha"] if row["alpha"] is not None else 0.05
+            row["max_k"] = row["max_k"] or 8
+        row["target_k"] = (routing.get("calibrated") or {}).get("target_k")
+        row |= {name: value for name, value in (r.get("metrics") or {}).items()}
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    if not frame.empty:
+        frame["reduction_pct"] = 100.0 * (1.0 - frame["mean_experts"].astype(float) / 8)
+    return frame
+
+
+def _is_native(row) -> bool:
+    return row["strategy"] == "topk" and row.get("k") in (8, None)
+
+
+def paired_comparisons(folder: Path, runs: pd.DataFrame) -> pd.DataFrame:
+    """Every ok run against native top-8 on the same task, on the same items/tokens."""
+    from .evaluation import EvalResult
+    rows = []
+    ok = runs[runs["status"] == "ok"]
+    for task, frame in ok[ok["task"].isin(QUALITY)].groupby("task"):
+        natives = frame[frame.apply(_is_native, axis=1)]
+        if natives.empty:
+            continue
+        base = EvalResult.load(folder / "runs" / natives.iloc[0]["run_id"])
+        for _, run in frame.iterrows():
+            if run["run_id"] == natives.iloc[0]["run_id"]:
+                continue
+            other = EvalResult.load(folder / "runs" / run["run_id"])
+            if not np.array_equal(base.token_ids, other.token_ids):
+                continue  # different items or max_length: not paired
+            row = {"task": task, "label": run["label"], "strategy": run["strategy"],
+                   "mean_experts": run["mean_experts"]}
+            boot = analysis.bootstrap_perplexity_ratio(base.token_logprobs, other.token_logprobs,
+                                                       groups=base.token_item, group_unit="item")
+            row |= {"ppl_ratio": boot["ratio"], "ppl_ratio_ci_low": boot["ci_low"],
+                    "ppl_ratio_ci_high": boot["ci_high"], "ppl_ratio_unit": boot["unit"]}
+            metric = {"wikitext": "logprob", "hellaswag": "acc_norm", "lambada": "acc"}[task]
+            if len(base.items) >= 2:
+                test = analysis.paired_comparison(base.items[metric].to_numpy(float),
+                                                  other.items[metric].to_numpy(float), unit=f"item ({metric})")
+                row |= {f"{key}": test[key] for key in ("unit", "n", "mean_difference", "ci_low", "ci_high",
+                                                        "t_pvalue", "wilcoxon_pvalue", "cohens_dz")}
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def prompts_table(records: list[dict]) -> pd.DataFrame:
+    rows = [{"label": r["label"], **p} for r in records if r["task"] == "prompts" and r["status"] == "ok"
+            for p in r["prompts"]]
+    return pd.DataFrame(rows)
+
+
+def _markdown(frame: pd.DataFrame, columns: list[str], digits: int = 3) -> str:
+    frame = frame[[c for c in columns if c in frame]]
+    if frame.empty:
+        return "_(none)_\n"
+    def cell(v):
+        if isinstance(v, float):
+            return "–" if math.isnan(v) else f"{v:.{digits}g}" if abs(v) < 1000 else f"{v:,.0f}"
+        return "–" if v is None else str(v)
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def _figures(folder: Path, runs: pd.DataFrame, prompts: pd.DataFrame, subtitle: str) -> list[tuple[str, str]]:
+    ok = runs[runs["status"] == "ok"].copy()
+    made = []
+
+    def keep(name, fig, caption):
+        plots.save(fig, folder / f"{name}.png")
+        made.append((f"{name}.png", caption))
+
+    for task, (metric, higher) in QUALITY.items():
+        frame = ok[(ok["task"] == task)].dropna(subset=["mean_experts"])
+        if metric in frame and len(frame) >= 2:
+            keep(f"pareto_{task}", plots.plot_pareto(frame, quality=metric, higher_is_better=higher, dataset=None,
+                                                     subtitle=subtitle, title=f"{task}: {metric} vs mean active experts"),
+                 f"{task}: quality vs mean active experts; the staircase is the Pareto frontier.")
+    first = ok[ok["task"] == ok["task"].iloc[0]] if not ok.empty else ok
+    if len(first) >= 2:
+        keep("experts_by_config", plots.plot_experts_by_config(first, subtitle=f"{subtitle} · {first['task'].iloc[0]}"),
+             "Mean active experts per token by configuration.")
+        keep("speed_by_config", plots.plot_latency_by_config(first, metric="tokens_per_s",
+                                                            subtitle=f"{subtitle} · {first['task'].iloc[0]}"),
+             "Throughput (input tokens/s) by configuration.")
+    alpha = ok[ok["group"].str.startswith("alpha/")]
+    if len(alpha) >= 2:
+        keep("alpha_sensitivity", plots.plot_alpha_sensitivity(alpha, metrics=("mean_experts", "floor_rate"),
+                                                              subtitle=subtitle), "BH: α vs mean experts, per p-value model.")
+    temperature = ok[ok["group"] == "temperature"]
+    if len(temperature) >= 2:
+        keep("temperature_sensitivity", plots.plot_temperature_sensitivity(temperature, subtitle=subtitle),
+             "BH: temperature vs mean experts.")
+    grid = ok[ok["group"] == "alpha x max_k"]
+    if len(grid) >= 2:
+        keep("alpha_maxk_heatmap", plots.plot_alpha_maxk_heatmap(grid, subtitle=subtitle), "BH: mean experts over α × max_k.")
+    if not prompts.empty:
+        keep("experts_by_category", plots.plot_experts_by_category(prompts, value="mean_experts", subtitle=subtitle),
+             "Prompt suite: mean experts per token by prompt category.")
+    return made
+
+
+def build_report(folder: str | Path) -> Path:
+    folder = Path(folder)
+    records = list(ResultStore(folder).latest().values())
+    if not records:
+        raise FileNotFoundError(f"{folder} holds no results.jsonl records: run a sweep into it first")
+    sweep = json.loads((folder / "sweep.json").read_text()) if (folder / "sweep.json").exists() else {}
+    context = sweep.get("context") or records[0].get("context", {})
+    runs = runs_table(records)
+    prompts = prompts_table(records)
+    comparison = paired_comparisons(folder, runs)
+    runs.to_csv(folder / "runs.csv", index=False)
+    comparison.to_csv(folder / "comparison.csv", index=False)
+    if not prompts.empty:
+        prompts.drop(columns=["text"]).to_csv(folder / "prompts.csv", index=False)
+    per_layer = [{"label": r["label"], "task": r["task"], "layer": layer, "mean_experts": k}
+                 for r in records if r["status"] == "ok"
+                 for layer, k in enumerate((r.get("experts") or {}).get("mean_experts_per_layer", []))]
+    pd.DataFrame(per_layer).to_csv(folder / "experts_per_layer.csv", index=False)
+    versions = next((r.get("versions") for r in records if r.get("versions")), {})
+    subtitle = f"{context.get('model_id')} · {context.get('dtype', '').replace('torch.', '')}"
+    figures = _figures(folder, runs, prompts, subtitle)
+
+    ok, failed = runs[runs["status"] == "ok"], runs[runs["status"] == "failed"]
+    headline = []
+    for task, (metric, higher) in QUALITY.items():
+        frame = ok[ok["task"] == task].dropna(subset=["mean_experts"])
+        if metric not in frame or frame.empty:
+            continue
+        front = frame.iloc[plots.pareto_front(frame[["mean_experts", metric]].to_numpy(float), higher)]
+        native = frame[frame.apply(_is_native, axis=1)]
+        headline.append({"task": task, "metric": metric, "higher_is_better": higher,
+                         "native_top8": None if native.empty else float(native.iloc[0][metric]),
+                         "pareto_front": front[["label", "mean_experts", metric]].to_dict("records")})
+    summary = {"sweep": sweep.get("name"), "context": context, "versions": versions, "n_runs": len(runs),
+               "n_failed": len(failed), "headline": headline,
+               "comparisons": comparison.to_dict("records")}
+    write_json(folder / "analysis_summary.json", summary)
+
+    lines = [f"# Routing report: {sweep.get('name', folder.name)}", "",
+             f"Model `{context.get('model_id')}` ({context.get('dtype')}); calibration: "
+             f"{(context.get('calibration') or {}).get('data', 'none')} "
+             f"({(context.get('calibration') or {}).get('tokens', 0)} tokens). {len(ok)} runs ok, {len(failed)} failed.", "",
+             "## Executive summary", ""]
+    for h in headline:
+        front = ", ".join(f"{p['label']} (k̄={p['mean_experts']:.2f}, {h['metric']}={p[h['metric']]:.4g})"
+                          for p in h["pareto_front"])
+        native = "–" if h["native_top8"] is None else f"{h['native_top8']:.4g}"
+        lines.append(f"- **{h['task']}** ({h['metric']}, {'higher' if h['higher_is_better'] else 'lower'} is better): "
+                     f"native top-8 {native}; Pareto-optimal configurations: {front}.")
+    lines += ["", "Numbers come from this sweep only (items, max_length and seeds in the tables and in "
+              "`results.jsonl`); small budgets give wide intervals — read the CIs.", "",
+              "## Results", ""]
+    for task in ok["task"].unique():
+        frame = ok[ok["task"] == task]
+        metrics = [c for c in ("word_perplexity", "token_perplexity", "bits_per_byte", "acc", "acc_norm", "perplexity")
+                   if c in frame and frame[c].notna().any()]
+        lines += [f"### {task} (n = {frame['n_items'].iloc[0]} items, max_length {frame['max_length'].iloc[0]})", "",
+                  _markdown(frame, ["label", "mean_experts", "floor_rate", "ceiling_rate", *metrics, "tokens_per_s"]), ""]
+    lines += ["## Paired tests against native top-8", "",
+              "Perplexity ratio: paired bootstrap (2000 resamples) over items, candidate / native. Item-level test: "
+              "paired t-test and Wilcoxon signed-rank on per-item values (log-likelihood for WikiText, acc_norm for "
+              "HellaSwag, acc for LAMBADA); differences are candidate − native; d_z is Cohen's paired effect size.", "",
+              _markdown(comparison, ["task", "label", "mean_experts", "ppl_ratio", "ppl_ratio_ci_low", "ppl_ratio_ci_high",
+                                     "unit", "n", "mean_difference", "t_pvalue", "wilcoxon_pvalue", "cohens_dz"]), ""]
+    if not prompts.empty:
+        by = prompts.groupby(["label", "category"])["mean_experts"].mean().unstack()
+        lines += ["## Prompt suite: mean experts per token by category", "",
+                  _markdown(by.reset_index(), ["label", *by.columns]), ""]
+    if not failed.empty:
+        lines += ["## Failed runs", "", _markdown(failed, ["label", "task", "error"]), ""]
+    lines += ["## Figures", ""] + [f"![{caption}]({name})\n\n{caption}\n" for name, caption in figures]
+    lines += ["## Configuration and environment", "", "```json",
+              json.dumps({"context": context, "versions": versions}, indent=1, default=str), "```", ""]
+    write_atomic(folder / "REPORT.md", "\n".join(lines))
+    return folder / "REPORT.md"

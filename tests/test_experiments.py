@@ -1,0 +1,134 @@
+"""Experiment engine: checkpoint/resume (a real killed subprocess), matched compute, reports, the demo."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bh_routing import experiments as ex
+from bh_routing import route
+from bh_routing.models import TINY_MODEL_DIR
+from bh_routing.store import ResultStore
+
+REPO = Path(__file__).resolve().parents[1]
+needs_tiny = pytest.mark.skipif(not (Path(TINY_MODEL_DIR) / "model.safetensors").exists(),
+                                reason="the bundled tiny OLMoE (bh_routing/assets/tiny-olmoe) is not in this checkout")
+OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PYTHONPATH": str(REPO)}
+
+
+def test_store_drops_a_torn_last_line_and_keeps_finished_runs(tmp_path):
+    store = ResultStore(tmp_path)
+    store.append({"run_id": "a", "status": "ok", "x": 1})
+    store.append({"run_id": "b", "status": "failed"})
+    with open(store.path, "a") as f:
+        f.write('{"run_id": "c", "sta')  # killed mid-write
+    reopened = ResultStore(tmp_path)
+    assert list(reopened.latest()) == ["a", "b"]
+    reopened.append({"run_id": "b", "status": "ok"})  # a retried run: the newer record wins
+    assert reopened.latest()["b"]["status"] == "ok"
+    assert all(json.loads(line) for line in store.path.read_text().splitlines())
+
+
+def test_run_ids_depend_on_run_and_context():
+    run = ex.Run("x", {"strategy": "topk", "k": 8}, "lambada", 10)
+    assert run.run_id({"model_id": "a"}) == ex.Run("x", {"k": 8, "strategy": "topk"}, "lambada", 10).run_id({"model_id": "a"})
+    assert run.run_id({"model_id": "a"}) != run.run_id({"model_id": "b"})
+    assert run.run_id({"model_id": "a"}) != ex.Run("x", {"strategy": "topk", "k": 4}, "lambada", 10).run_id({"model_id": "a"})
+
+
+def _logits(layers=2, tokens=3000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(tokens, 64, generator=g) * (1 + layer) for layer in range(layers)]
+
+
+@pytest.mark.parametrize("config", [
+    {"strategy": "bh", "pvalues": "zscore", "max_k": 8},
+    {"strategy": "top_p", "max_k": 8},
+    {"strategy": "threshold", "max_k": 8},
+    {"strategy": "ratio", "max_k": 8},
+])
+def test_calibrate_to_mean_k_hits_the_target(config):
+    logits = _logits()
+    for target in (2, 4, 6):
+        found = ex.calibrate_to_mean_k(config, target, logits)
+        achieved = np.mean([route(l, found, layer=i).counts.float().mean().item() for i, l in enumerate(logits)])
+        assert abs(achieved - target) < 0.1, (found, achieved)
+        assert found["calibrated"]["achieved_k"] == pytest.approx(achieved, abs=1e-3)
+
+
+def test_calibrate_to_mean_k_per_layer():
+    logits = _logits()  # the two layers have differently peaked routers, so the knobs differ
+    found = ex.calibrate_to_mean_k({"strategy": "top_p", "max_k": 8}, 3, logits, per_layer=True)
+    knobs = []
+    for layer, config in found["per_layer"].items():
+        assert abs(route(logits[layer], config).counts.float().mean().item() - 3) < 0.1
+        knobs.append(config["p"])
+    assert knobs[0] != knobs[1]
+
+
+def test_presets_cover_the_seed_grids():
+    budget = ex.BUDGETS["colab"]
+    deep = ex.bh_deep_dive(budget)
+    assert len([r for r in deep if r.group.startswith("alpha/")]) == 8 * 4
+    assert sorted({r.routing["temperature"] for r in deep if r.group == "temperature"}) == [0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0]
+    assert len([r for r in deep if r.group == "alpha x max_k"]) == 12
+    full = ex.full_experiments(budget)
+    assert {r.task for r in full} == {"wikitext", "hellaswag", "lambada"}
+    assert {r.routing["max_k"] for r in full if r.routing["strategy"] == "bh"} >= {4, 8, 16, 32, 64}
+    assert [r.label for r in ex.prompt_suite(budget)] == list(ex.SEED_PROMPT_CONFIGS)
+
+
+def _sweep_command(out, *extra):
+    return [sys.executable, "-m", "bh_routing", "sweep", "--preset", "prompts", "--budget", "smoke",
+            "--calibration-tokens", "2048", "--out", str(out), *extra]
+
+
+@needs_tiny
+def test_killed_sweep_resumes_with_every_run_exactly_once(tmp_path):
+    out = tmp_path / "sweep"
+    results = out / "results.jsonl"
+    process = subprocess.Popen(_sweep_command(out), cwd=tmp_path, env=OFFLINE,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if results.exists() and results.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the sweep finished before it could be killed: give it more runs"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    finished_before = [json.loads(line)["run_id"] for line in results.read_text().splitlines() if line.strip()]
+    assert 2 <= len(finished_before) < len(ex.SEED_PROMPT_CONFIGS)
+    subprocess.run(_sweep_command(out), cwd=tmp_path, env=OFFLINE, check=True, capture_output=True, timeout=600)
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    ids = [r["run_id"] for r in records]
+    assert len(ids) == len(set(ids)) == len(ex.SEED_PROMPT_CONFIGS)  # each run exactly once
+    assert ids[:len(finished_before)] == finished_before  # finished work kept, not redone
+    assert all(r["status"] == "ok" for r in records)
+    assert (out / "REPORT.md").exists()
+
+
+@needs_tiny
+def test_demo_command_runs_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    done = subprocess.run([sys.executable, "-m", "bh_routing", "demo", "--budget", "smoke", "--calibration-tokens",
+                           "4096", "--out", str(out)], cwd=tmp_path, env=OFFLINE, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert records and all(r["status"] == "ok" for r in records), [r.get("error") for r in records]
+    report = (out / "REPORT.md").read_text()
+    assert "tiny" in report and "Paired tests against native top-8" in report
+    for name in ("runs.csv", "comparison.csv", "analysis_summary.json", "pareto_wikitext.png", "bh_routing.log"):
+        assert (out / name).exists(), name
+    summary = json.loads((out / "analysis_summary.json").read_text())
+    native = [r for r in records if r["label"] == "native top-8" and r["task"] == "wikitext"][0]
+    assert native["experts"]["mean_experts"] == 8.0
+    assert summary["headline"][0]["native_top8"] == pytest.approx(native["metrics"]["word_perplexity"])
