@@ -161,26 +161,16 @@ def clamped_stepup(pvalues: torch.Tensor, critical: torch.Tensor, min_k: int, ma
                    tiebreak: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(order [T, max_k], counts [T]) of the step-up procedure, counts clamped to [min_k, max_k].
 
-    k* = max{k : p_(k) <= c_k} only involves p-values <= c_N. The K = max_k smallest (needed
-    anyway to order the selection) settle every row with at most K of them; rows with more are
-    settled by a larger top-k on just those rows. No full sort.
+    k* = max{k : p_(k) <= c_k} only involves p-values <= c_N, so the j smallest p-values decide
+    it, j = max(max_k, most such p-values in any row) — one top-j, no full sort.
     """
-    order = smallest_k_order(pvalues, max_k, tiebreak)  # [T, K]
     c_lo = _critical_rounded_down(critical, pvalues.dtype, pvalues.device)
-    rejections = _rejections(pvalues.gather(1, order), c_lo)
-    candidates = (pvalues <= c_lo[-1]).sum(dim=1)  # [T]
-    crowded = candidates > max_k
-    if bool(crowded.any()):
-        rows = crowded.nonzero().squeeze(1)
-        wide = smallest_k_order(pvalues[rows], int(candidates.max()), None if tiebreak is None else tiebreak[rows])
-        rejections = rejections.index_put((rows,), _rejections(pvalues[rows].gather(1, wide), c_lo))
-    return order, rejections.clamp(min_k, max_k)
-
-
-def _rejections(smallest: torch.Tensor, c_lo: torch.Tensor) -> torch.Tensor:
-    """max{k : p_(k) <= c_k} from the j smallest p-values [T, j], ascending (0 if none)."""
-    ks = torch.arange(1, smallest.shape[1] + 1, device=smallest.device)
-    return torch.where(smallest <= c_lo[:smallest.shape[1]], ks, 0).amax(dim=1)
+    width = max(max_k, int((pvalues <= c_lo[-1]).sum(dim=1).max())) if pvalues.numel() else max_k
+    order = smallest_k_order(pvalues, width, tiebreak)  # [T, j] ascending
+    ks = torch.arange(1, width + 1, device=pvalues.device)
+    below = pvalues.gather(1, order) <= c_lo[:width]
+    rejections = torch.where(below, ks, 0).amax(dim=1)
+    return order[:, :max_k], rejections.clamp(min_k, max_k)
 
 
 def _critical_rounded_down(critical: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
