@@ -1,0 +1,125 @@
+"""Expert dispatch for variable-k routing: only the real (token, expert) pairs reach a matmul.
+
+Pure tensor code (no transformers import). A ``Routing`` pads every token to ``K = max_k`` slots;
+feeding that to a model's own experts kernel computes the padded slots too (duplicate expert at
+weight 0: correct, saves nothing), and out-of-range "sentinel" indices crash or give NaN depending on
+the transformers version (DESIGN.md). So we compact the pairs ourselves:
+
+    mask [T, K] -> P = sum(counts) real pairs -> sort by expert -> per expert: gather rows -> MLP
+    -> multiply by the routing weight -> sum per token.
+
+Only P rows are multiplied. The per-token sum is deterministic on every device: ``index_add_`` on
+the CPU (sequential), a ``[T, K, H]`` slot table summed over K elsewhere (CUDA's ``index_add_``
+with repeated indices uses atomics, i.e. a run-to-run varying order).
+
+Two expert layouts are supported:
+* a sequence of per-expert MLP modules (transformers 4.x ``nn.ModuleList``): each is *called*, so
+  its own forward (and any hooks/quantisation) runs;
+* fused weights (transformers 5.x ``*Experts``): ``gate_up_proj [E, 2I, H]`` (gate rows first, then
+  up rows), ``down_proj [E, H, I]``, expert e: ``down_e(act(gate_e x) * up_e x)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+# Fused layout: torch's grouped GEMM (one call for all experts) where torch has a kernel for the
+# device and dtype, the per-expert loop otherwise. Module-level switch so benchmarks compare both.
+USE_GROUPED_MM = True
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """The real (token, expert) pairs of a routing, sorted by expert (stable: tokens ascending)."""
+    slot: torch.Tensor  # [P] long: flat cell t*K + j of the pair in the [T, K] routing
+    token: torch.Tensor  # [P] long
+    weight: torch.Tensor  # [P] float32 routing weight
+    sizes: list[int]  # [E] pairs per expert, host ints (the per-expert slices need them)
+    offsets: torch.Tensor  # [E] int32 cumulative sizes (grouped GEMM offsets)
+    num_tokens: int
+    num_slots: int  # K
+
+
+def compact_pairs(indices: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor,
+                  num_experts: int) -> Pairs:
+    """Real pairs of a routing ``indices/weights [T, K]``, ``counts [T]`` (slot j real iff j < counts[t])."""
+    num_tokens, num_slots = indices.shape
+    slots = torch.arange(num_slots, device=indices.device)
+    real = (slots[None, :] < counts[:, None]).flatten()  # [T*K]
+    slot = real.nonzero().squeeze(1)  # [P] flat cells, token-major
+    expert = indices.flatten()[slot]  # [P]
+    expert_sorted, order = torch.sort(expert, stable=True)
+    slot = slot[order]
+    per_expert = torch.bincount(expert_sorted, minlength=num_experts)  # [E]
+    return Pairs(slot=slot, token=torch.div(slot, num_slots, rounding_mode="floor"),
+                 weight=weights.flatten()[slot].float(), sizes=per_expert.tolist(),  # one host sync
+                 offsets=per_expert.cumsum(0).to(torch.int32), num_tokens=num_tokens, num_slots=num_slots)
+
+
+def _combine(expert_out: torch.Tensor, pairs: Pairs, dtype: torch.dtype) -> torch.Tensor:
+    """Weight each pair's expert output and sum per token: [P, H] -> [T, H]."""
+    hidden = expert_out.shape[-1]
+    # Weights are cast to the activation dtype first, as transformers' eager MoE blocks do.
+    weighted = (expert_out * pairs.weight.to(expert_out.dtype)[:, None]).to(dtype)  # [P, H]
+    if expert_out.device.type == "cpu":  # sequential on the CPU: deterministic, and P rows of traffic only
+        return weighted.new_zeros(pairs.num_tokens, hidden).index_add_(0, pairs.token, weighted)
+    # Elsewhere index_add_ with repeated tokens uses atomics (run-to-run varying order): put each
+    # pair in its (token, slot) cell and sum the K slots instead.
+    cells = weighted.new_zeros(pairs.num_tokens * pairs.num_slots, hidden)  # [T*K, H]
+    cells.index_copy_(0, pairs.slot, weighted)
+    return cells.view(pairs.num_tokens, pairs.num_slots, hidden).sum(dim=1)
+
+
+def moe_modules(hidden: torch.Tensor, pairs: Pairs, experts: Sequence[Callable]) -> torch.Tensor:
+    """Mix of per-expert MLP modules: ``hidden [T, H]`` -> ``[T, H]``, P rows computed."""
+    rows = hidden[pairs.token]  # [P, H] sorted by expert
+    outs = [experts[e](chunk) for e, chunk in enumerate(torch.split(rows, pairs.sizes)) if chunk.shape[0]]
+    if not outs:
+        return torch.zeros_like(hidden)
+    return _combine(torch.cat(outs), pairs, hidden.dtype)
+
+
+def default_gate(act_fn: Callable) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``[P, 2I] -> [P, I]``: act(first half) * second half (gate rows precede up rows)."""
+    def gate(gate_up: torch.Tensor) -> torch.Tensor:
+        g, u = gate_up.chunk(2, dim=-1)
+        return act_fn(g) * u
+    return gate
+
+
+def moe_fused(hidden: torch.Tensor, pairs: Pairs, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+              gate_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Mix of fused experts ``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``: ``[T, H]`` -> ``[T, H]``."""
+    rows = hidden[pairs.token].to(gate_up_proj.dtype)  # [P, H] sorted by expert
+    if rows.shape[0] == 0:
+        return torch.zeros_like(hidden)
+    out = _grouped(rows, pairs, gate_up_proj, down_proj, gate_fn)
+    if out is None:  # one small GEMM per expert that has rows
+        out = torch.cat([F.linear(gate_fn(F.linear(chunk, gate_up_proj[e])), down_proj[e])
+                         for e, chunk in enumerate(torch.split(rows, pairs.sizes)) if chunk.shape[0]])
+    return _combine(out, pairs, hidden.dtype)
+
+
+_GROUPED_UNSUPPORTED: set = set()  # (device type, dtype) where torch's grouped GEMM raised
+
+
+def _grouped(rows, pairs, gate_up_proj, down_proj, gate_fn) -> torch.Tensor | None:
+    """Both projections as torch grouped GEMMs over the expert-sorted rows (one call each, no Python
+    loop), or None where torch has no such kernel for this device/dtype (e.g. fp16 or pre-sm80 CUDA):
+    tried once per (device, dtype), then the per-expert loop is used."""
+    key = (rows.device.type, rows.dtype)
+    size = rows.element_size()
+    if (not USE_GROUPED_MM or not hasattr(F, "grouped_mm") or key in _GROUPED_UNSUPPORTED
+            or any(t.data_ptr() % 16 for t in (rows, gate_up_proj, down_proj))  # 16-byte aligned rows
+            or any(dim * size % 16 for dim in (rows.shape[1], down_proj.shape[-1]))
+            or not (gate_up_proj.is_contiguous() and down_proj.is_contiguous())):
+        return None
+    try:
+        up = F.grouped_mm(rows, gate_up_proj.transpose(-2, -1), offs=pairs.offsets)  # [P, 2I]
+        return F.grouped_mm(gate_fn(up).contiguous(), down_proj.transpose(-2, -1), offs=pairs.offsets)  # [P, H]
+    except (RuntimeError, NotImplementedError, TypeError):
+        _GROUPED_UNSUPPORTED.add(key)
+        return None

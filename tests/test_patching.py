@@ -1,0 +1,387 @@
+"""RoutingPatch on tiny random MoE models: exact equivalence, exact restore, brute-force mixing.
+
+Runs under every supported transformers (see .ci/compat.sh); what a version lacks is skipped.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import FAMILIES, TRANSFORMERS_5, tiny_inputs, tiny_model
+from bh_routing import dispatch as dsp
+from bh_routing.patching import (RoutingPatch, UnsupportedModelError, check_transformers_version,
+                                 find_moe_blocks)
+from bh_routing.selection import build_router
+
+# Variable k with a good spread of counts on the tiny models (1..max_k), deterministic.
+def variable(max_k):
+    return {"strategy": "ratio", "beta": 0.7, "max_k": max_k}
+
+
+# The conftest configs' weight conventions, stated independently of patching.Family.
+RENORMALIZES = {"olmoe": False, "mixtral": True, "qwen2_moe": False, "qwen3_moe": True}
+
+
+def native_k(model) -> int:
+    return find_moe_blocks(model)[0].top_k
+
+
+def logits(model, input_ids, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids, **kwargs).logits
+
+
+def forward_attributes(model) -> dict:
+    """Instance-level forward attributes of every module (identity matters, not equality)."""
+    return {name: (m.__dict__.get("forward"), m.__dict__.get("_old_forward")) for name, m in model.named_modules()}
+
+
+def assert_same_attributes(before: dict, after: dict) -> None:
+    assert before.keys() == after.keys()
+    for name in before:
+        assert before[name][0] is after[name][0] and before[name][1] is after[name][1], name
+
+
+# --------------------------------------------------------------------------- exact equivalence at native top-k
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_topk_native_k_is_identical_to_unpatched(family):
+    model = tiny_model(family)
+    input_ids, mask = tiny_inputs()
+    reference = logits(model, input_ids, attention_mask=mask)
+    with RoutingPatch(model, {"strategy": "topk", "k": native_k(model)}, verbose=False) as patch:
+        assert set(patch.dispatch.values()) == {"native"}
+        patched = logits(model, input_ids, attention_mask=mask)
+    assert (patched - reference).abs().max() <= 1e-6
+    with RoutingPatch(model, {"strategy": "topk", "k": native_k(model)}, dispatch="compact", verbose=False):
+        compact = logits(model, input_ids, attention_mask=mask)
+    assert (compact - reference).abs().max() <= 1e-5  # same math, different summation order
+
+
+@pytest.mark.parametrize("implementation", ["eager", "grouped_mm"])
+def test_topk_identical_under_each_experts_implementation(implementation):
+    model = tiny_model("olmoe", experts_implementation=implementation)  # skipped on 4.x
+    input_ids, mask = tiny_inputs()
+    reference = logits(model, input_ids, attention_mask=mask)
+    with RoutingPatch(model, {"strategy": "topk", "k": 8}, verbose=False):
+        assert (logits(model, input_ids, attention_mask=mask) - reference).abs().max() <= 1e-6
+
+
+def test_topk_generate_gives_the_same_tokens(tiny_olmoe):
+    input_ids, _ = tiny_inputs(batch=2, length=5)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        reference = tiny_olmoe.generate(input_ids, **kwargs)
+        with RoutingPatch(tiny_olmoe, {"strategy": "topk", "k": 8}, verbose=False):
+            patched = tiny_olmoe.generate(input_ids, **kwargs)
+    assert torch.equal(reference, patched)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_output_router_logits_still_returned(family):
+    model = tiny_model(family)
+    input_ids, mask = tiny_inputs()
+    before = forward_attributes(model)
+    k = native_k(model)
+    with torch.no_grad():
+        reference = model(input_ids, attention_mask=mask, output_router_logits=True).router_logits
+        with RoutingPatch(model, {"strategy": "topk", "k": k}, verbose=False):
+            same = model(input_ids, attention_mask=mask, output_router_logits=True).router_logits
+        with RoutingPatch(model, variable(min(2 * k, 8)), verbose=False):
+            varied = model(input_ids, attention_mask=mask, output_router_logits=True).router_logits
+    assert len(reference) == len(same) == len(varied) == 2
+    for ref, got, var in zip(reference, same, varied):
+        assert torch.equal(ref, got)
+        assert var.shape == ref.shape  # the layer input changed, so the values may differ
+    # 4.57 / 5.0 swap `forward` during output capture: the patch must still restore its own state
+    after = forward_attributes(model)
+    for name, (forward, old_forward) in before.items():
+        assert after[name][1] is old_forward
+        assert after[name][0] is forward or getattr(after[name][0], "__func__", None) is type(
+            dict(model.named_modules())[name]).forward
+
+
+def test_dense_layers_are_skipped_and_layers_count_moe_blocks():
+    model = tiny_model("qwen2_moe", num_hidden_layers=3, mlp_only_layers=[1])
+    blocks = find_moe_blocks(model)
+    assert [(b.layer, b.name) for b in blocks] == [(0, "model.layers.0.mlp"), (1, "model.layers.2.mlp")]
+    input_ids, mask = tiny_inputs()
+    reference = logits(model, input_ids, attention_mask=mask)
+    with RoutingPatch(model, {"strategy": "topk", "k": 4}, layers=[-1], verbose=False) as patch:
+        assert patch.num_patched == 1 and patch.num_moe_blocks == 2
+        assert (logits(model, input_ids, attention_mask=mask) - reference).abs().max() <= 1e-6
+
+
+# --------------------------------------------------------------------------- exact restore, no stacking
+
+
+def test_remove_and_with_restore_bit_identical_outputs_and_forwards(tiny_olmoe):
+    model = tiny_olmoe
+    input_ids, mask = tiny_inputs()
+    reference = logits(model, input_ids, attention_mask=mask)
+    before = forward_attributes(model)
+    class_forwards = {type(b.module): type(b.module).forward for b in find_moe_blocks(model)}
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+
+    patch = RoutingPatch(model, variable(8), verbose=False).apply()
+    assert patch.active and patch.num_patched == 2
+    assert not torch.equal(logits(model, input_ids, attention_mask=mask), reference)
+    patch.remove()
+    patch.remove()  # twice is harmless
+    assert_same_attributes(before, forward_attributes(model))
+    assert torch.equal(logits(model, input_ids, attention_mask=mask), reference)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with RoutingPatch(model, variable(8), verbose=False):
+            logits(model, input_ids, attention_mask=mask)
+            raise RuntimeError("boom")
+    assert_same_attributes(before, forward_attributes(model))
+    assert torch.equal(logits(model, input_ids, attention_mask=mask), reference)
+    assert {cls: cls.forward for cls in class_forwards} == class_forwards  # the class is never touched
+    assert all(torch.equal(params[k], v) for k, v in model.state_dict().items())  # nor a parameter
+
+
+def test_exception_inside_the_patched_forward_restores(tiny_olmoe):
+    input_ids, mask = tiny_inputs()
+    reference = logits(tiny_olmoe, input_ids, attention_mask=mask)
+    before = forward_attributes(tiny_olmoe)
+    router = build_router(variable(8))
+
+    def failing_select(router_logits, layer):
+        raise RuntimeError("failed inside the patched block")
+    router.select = failing_select
+    with pytest.raises(RuntimeError, match="inside the patched block"):
+        with RoutingPatch(tiny_olmoe, router, verbose=False) as patch:
+            tiny_olmoe(input_ids, attention_mask=mask)
+    assert not patch.active
+    assert_same_attributes(before, forward_attributes(tiny_olmoe))
+    assert torch.equal(logits(tiny_olmoe, input_ids, attention_mask=mask), reference)
+
+
+def test_patching_twice_is_refused_never_stacked(tiny_olmoe):
+    input_ids, mask = tiny_inputs()
+    before = forward_attributes(tiny_olmoe)
+    with RoutingPatch(tiny_olmoe, {"strategy": "topk", "k": 4}, verbose=False) as patch:
+        with pytest.raises(RuntimeError, match="never stack"):
+            patch.apply()
+        with pytest.raises(RuntimeError, match="never stack"):
+            RoutingPatch(tiny_olmoe, {"strategy": "topk", "k": 2}, verbose=False).apply()
+        with pytest.raises(RuntimeError, match="never stack"):
+            RoutingPatch(tiny_olmoe, {"strategy": "topk", "k": 2}, mode="analyze", verbose=False).apply()
+        tiny_olmoe(input_ids, attention_mask=mask)
+        assert (patch.recorder.counts() == 4).all()  # still the first patch's routing
+    assert_same_attributes(before, forward_attributes(tiny_olmoe))
+    with RoutingPatch(tiny_olmoe, {"strategy": "topk", "k": 2}, verbose=False):  # free again
+        pass
+
+
+def test_preexisting_instance_forward_and_accelerate_hooks_are_restored(tiny_olmoe):
+    hooks = pytest.importorskip("accelerate.hooks")
+    block0, block1 = (b.module for b in find_moe_blocks(tiny_olmoe))
+    custom = block0.forward  # a bound method stored on the instance, as 4.57/5.0 output capture leaves
+    block0.forward = custom
+    hooks.add_hook_to_module(block1, hooks.ModelHook())  # forward -> wrapper calling _old_forward
+    before = forward_attributes(tiny_olmoe)
+    wrapper = block1.forward
+    input_ids, mask = tiny_inputs()
+    reference = logits(tiny_olmoe, input_ids, attention_mask=mask)
+    with RoutingPatch(tiny_olmoe, variable(8), verbose=False) as patch:
+        assert block1.forward is wrapper and block1._old_forward is not before["model.layers.1.mlp"][1]
+        tiny_olmoe(input_ids, attention_mask=mask)
+        assert (patch.recorder.counts()[1] < 8).any()  # the hooked block really routes through the patch
+    assert_same_attributes(before, forward_attributes(tiny_olmoe))
+    assert torch.equal(logits(tiny_olmoe, input_ids, attention_mask=mask), reference)
+    hooks.remove_hook_from_module(block1)
+    assert "_old_forward" not in block1.__dict__
+
+
+def test_refuses_unsupported_models_and_versions():
+    with pytest.raises(UnsupportedModelError, match="no supported MoE block"):
+        RoutingPatch(torch.nn.Sequential(torch.nn.Linear(4, 4)), {"strategy": "topk", "k": 1})
+    for version in ("4.45.2", "6.0.0", "3.5.0"):
+        with pytest.raises(UnsupportedModelError, match="not supported"):
+            check_transformers_version(version)
+    for version in ("4.46.0", "4.57.6", "5.0.0", "5.23.0"):
+        check_transformers_version(version)
+
+
+def test_per_layer_configs_and_layer_selection(tiny_olmoe):
+    input_ids, mask = tiny_inputs()
+    with RoutingPatch(tiny_olmoe, {"strategy": "topk", "k": 8}, layers={0: {"strategy": "topk", "k": 2}, -1: None},
+                      verbose=False) as patch:
+        tiny_olmoe(input_ids, attention_mask=mask)
+    counts = patch.recorder.counts()
+    assert patch.recorder.layers == [0, 1] and (counts[0] == 2).all() and (counts[1] == 8).all()
+    with RoutingPatch(tiny_olmoe, {"strategy": "topk", "k": 3}, layers=range(-1, 0), verbose=False) as patch:
+        assert patch.layers == [1] and patch.num_patched == 1
+        tiny_olmoe(input_ids, attention_mask=mask)
+    assert patch.recorder.layers == [1]
+    with pytest.raises(ValueError, match="not a MoE block index"):
+        RoutingPatch(tiny_olmoe, {"strategy": "topk", "k": 3}, layers=[5])
+
+
+# --------------------------------------------------------------------------- variable k vs brute force
+
+
+def expert_matrices(block, expert: int):
+    """(W_gate [I, H], W_up [I, H], W_down [H, I]) of one expert, read from the parameters."""
+    experts = block.experts
+    if isinstance(experts, torch.nn.ModuleList):  # transformers 4.x
+        mlp = experts[expert]
+        if hasattr(mlp, "w1"):  # Mixtral: w2(act(w1 x) * w3 x)
+            return mlp.w1.weight, mlp.w3.weight, mlp.w2.weight
+        return mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+    inter = experts.gate_up_proj.shape[1] // 2  # 5.x: gate rows, then up rows
+    return experts.gate_up_proj[expert, :inter], experts.gate_up_proj[expert, inter:], experts.down_proj[expert]
+
+
+def brute_force_block(block, family: str, x: torch.Tensor, config: dict, layer: int = 0):
+    """Σ_j w_tj · expert_{e_tj}(x_t) token by token (+ Qwen2-MoE's gated shared expert)."""
+    router_logits = x @ block.gate.weight.T  # [T, E]
+    routing = build_router(config)(router_logits, layer=layer, model_renormalizes=RENORMALIZES[family])
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(int(routing.counts[t])):
+            w_gate, w_up, w_down = expert_matrices(block, int(routing.indices[t, j]))
+            out[t] += routing.weights[t, j] * (w_down @ (F.silu(w_gate @ x[t]) * (w_up @ x[t])))
+    if family == "qwen2_moe":
+        shared = block.shared_expert
+        mlp = shared.down_proj.weight @ (F.silu(shared.gate_proj.weight @ x.T) * (shared.up_proj.weight @ x.T))
+        out += torch.sigmoid(x @ block.shared_expert_gate.weight.T) * mlp.T
+    return out, routing
+
+
+@pytest.mark.parametrize("dispatch", ["compact", "native"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_variable_k_equals_brute_force(family, dispatch):
+    model = tiny_model(family)
+    block = find_moe_blocks(model)[0].module
+    config = variable(min(native_k(model) * 2, 8))
+    hidden = model.config.hidden_size
+    x = torch.randn(2, 9, hidden, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        reference, routing = brute_force_block(block, family, x.reshape(-1, hidden), config)
+        assert len(set(routing.counts.tolist())) > 1  # really variable
+        with RoutingPatch(model, config, dispatch=dispatch, verbose=False) as patch:
+            out = block(x.clone())
+    out = out[0] if isinstance(out, tuple) else out  # 4.x blocks return (hidden, router_logits)
+    assert (out.reshape(-1, hidden) - reference).abs().max() <= 1e-5
+    np.testing.assert_array_equal(patch.recorder.counts()[0], routing.counts.numpy())
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_variable_k_whole_model_compact_equals_native(family):
+    model = tiny_model(family)
+    input_ids, mask = tiny_inputs(left_pad=2)
+    config = variable(min(native_k(model) * 2, 8))
+    with RoutingPatch(model, config, dispatch="native", verbose=False):
+        native = logits(model, input_ids, attention_mask=mask)
+    with RoutingPatch(model, config, dispatch="compact", verbose=False):
+        compact = logits(model, input_ids, attention_mask=mask)
+    assert (native - compact).abs().max() <= 1e-5
+
+
+def test_padded_slots_cost_no_expert_rows(tiny_olmoe):
+    """Only Σ counts rows reach the experts' matmuls under the compact dispatch."""
+    block = find_moe_blocks(tiny_olmoe)[0].module
+    rows = []
+    if isinstance(block.experts, torch.nn.ModuleList):
+        handles = [e.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0])) for e in block.experts]
+    else:
+        gate = block.experts._apply_gate  # the fused layout's activation sees every computed row
+        block.experts._apply_gate = lambda h: (rows.append(h.shape[0]), gate(h))[1]
+        handles = []
+    x = torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), RoutingPatch(tiny_olmoe, variable(8), layers=[0], verbose=False) as patch:
+        block(x)
+    for handle in handles:
+        handle.remove()
+    block.experts.__dict__.pop("_apply_gate", None)
+    counts = patch.recorder.counts()[0]
+    assert sum(rows) == counts.sum() < 8 * 16
+
+
+def test_dispatch_functions_compute_only_real_pairs():
+    torch.manual_seed(0)
+    num_experts, hidden, inter, tokens, slots = 6, 8, 5, 10, 4
+    gate_up, down = torch.randn(num_experts, 2 * inter, hidden), torch.randn(num_experts, hidden, inter)
+    x = torch.randn(tokens, hidden)
+    counts = torch.tensor([0, 1, 2, 3, 4, 4, 3, 2, 1, 0])
+    indices = torch.stack([torch.randperm(num_experts)[:slots] for _ in range(tokens)])
+    weights = torch.rand(tokens, slots)
+    pairs = dsp.compact_pairs(indices, weights, counts, num_experts)
+    assert len(pairs.token) == counts.sum() and sum(pairs.sizes) == counts.sum()
+    seen = []
+
+    def gate(h):
+        seen.append(h.shape[0])
+        g, u = h.chunk(2, dim=-1)
+        return F.silu(g) * u
+    for grouped in (True, False):
+        dsp.USE_GROUPED_MM = grouped
+        try:
+            out = dsp.moe_fused(x, pairs, gate_up, down, gate)
+        finally:
+            dsp.USE_GROUPED_MM = True
+        reference = torch.zeros_like(x)
+        for t in range(tokens):
+            for j in range(int(counts[t])):
+                e = int(indices[t, j])
+                h = F.silu(gate_up[e, :inter] @ x[t]) * (gate_up[e, inter:] @ x[t])
+                reference[t] += weights[t, j] * (down[e] @ h)
+        assert (out - reference).abs().max() <= 1e-4
+        assert sum(seen) == counts.sum()
+        seen.clear()
+    mlps = [torch.nn.Linear(hidden, hidden) for _ in range(num_experts)]
+    out = dsp.moe_modules(x, pairs, mlps)
+    reference = torch.stack([sum((weights[t, j] * mlps[int(indices[t, j])](x[t]) for j in range(int(counts[t]))),
+                                 torch.zeros(hidden)) for t in range(tokens)])
+    assert (out - reference).abs().max() <= 1e-5
+
+
+# --------------------------------------------------------------------------- analyze mode, cache
+
+
+def test_analyze_mode_leaves_outputs_identical_and_records_bh(tiny_olmoe):
+    input_ids, mask = tiny_inputs()
+    reference = logits(tiny_olmoe, input_ids, attention_mask=mask)
+    config = {"strategy": "bh", "alpha": 0.5, "pvalues": "zscore", "max_k": 8}
+    with RoutingPatch(tiny_olmoe, config, mode="analyze", verbose=False) as patch:
+        assert torch.equal(logits(tiny_olmoe, input_ids, attention_mask=mask), reference)
+    counts = patch.recorder.counts()
+    assert counts.shape == (2, int(mask.sum()))
+    blocks = [b.module for b in find_moe_blocks(tiny_olmoe)]
+    inputs = []  # each MoE block's input in an unpatched forward
+    handles = [b.register_forward_pre_hook(lambda m, args: inputs.append(args[0])) for b in blocks]
+    logits(tiny_olmoe, input_ids, attention_mask=mask)
+    for handle in handles:
+        handle.remove()
+    for layer, (block, x) in enumerate(zip(blocks, inputs)):
+        router_logits = x.reshape(-1, x.shape[-1]) @ block.gate.weight.T
+        np.testing.assert_array_equal(counts[layer], build_router(config)(router_logits, layer=layer).counts.numpy())
+    assert counts.min() >= 1 and len(np.unique(counts)) > 1
+
+
+def test_generate_with_cache_equals_without_cache_under_variable_k(tiny_olmoe):
+    input_ids, _ = tiny_inputs(batch=2, length=5)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad(), RoutingPatch(tiny_olmoe, variable(8), verbose=False) as patch:
+        cached = tiny_olmoe.generate(input_ids, use_cache=True, **kwargs)
+        uncached = tiny_olmoe.generate(input_ids, use_cache=False, **kwargs)
+    assert torch.equal(cached, uncached)
+    assert len(np.unique(patch.recorder.counts())) > 1
+
+
+@pytest.mark.skipif(not TRANSFORMERS_5, reason="the fused layout exists from transformers 5.0")
+def test_compact_refuses_unusual_fused_layouts(tiny_olmoe):
+    block = find_moe_blocks(tiny_olmoe)[0].module
+    block.experts.is_transposed = True
+    try:
+        with pytest.raises(UnsupportedModelError, match="dispatch='native'"):
+            RoutingPatch(tiny_olmoe, variable(8), verbose=False)
+        RoutingPatch(tiny_olmoe, variable(8), dispatch="native", verbose=False)  # native is fine
+    finally:
+        block.experts.is_transposed = False
