@@ -111,6 +111,13 @@ def _markdown(frame: pd.DataFrame, columns: list[str], digits: int = 3) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _budget(frame: pd.DataFrame) -> str:
+    """'n = 60 items, max_length 256' for the runs of one task."""
+    n, length = frame["n_items"].dropna(), frame["max_length"].dropna()
+    return (f"n = {int(n.iloc[0]) if len(n) else 'all'} items"
+            + (f", max_length {int(length.iloc[0])}" if len(length) else ""))
+
+
 def _figures(folder: Path, runs: pd.DataFrame, prompts: pd.DataFrame, subtitle: str) -> list[tuple[str, str]]:
     ok = runs[runs["status"] == "ok"].copy()
     made = []
@@ -123,14 +130,14 @@ def _figures(folder: Path, runs: pd.DataFrame, prompts: pd.DataFrame, subtitle: 
         frame = ok[(ok["task"] == task)].dropna(subset=["mean_experts"])
         if metric in frame and len(frame) >= 2:
             keep(f"pareto_{task}", plots.plot_pareto(frame, quality=metric, higher_is_better=higher, dataset=None,
-                                                     subtitle=subtitle, title=f"{task}: {metric} vs mean active experts"),
+                                                     subtitle=f"{subtitle} · {_budget(frame)}", title=f"{task}: {metric} vs mean active experts"),
                  f"{task}: quality vs mean active experts; the staircase is the Pareto frontier.")
     first = ok[ok["task"] == ok["task"].iloc[0]] if not ok.empty else ok
     if len(first) >= 2:
-        keep("experts_by_config", plots.plot_experts_by_config(first, subtitle=f"{subtitle} · {first['task'].iloc[0]}"),
+        where = f"{subtitle} · {first['task'].iloc[0]}, {_budget(first)}"
+        keep("experts_by_config", plots.plot_experts_by_config(first, subtitle=where),
              "Mean active experts per token by configuration.")
-        keep("speed_by_config", plots.plot_latency_by_config(first, metric="tokens_per_s",
-                                                            subtitle=f"{subtitle} · {first['task'].iloc[0]}"),
+        keep("speed_by_config", plots.plot_latency_by_config(first, metric="tokens_per_s", subtitle=where),
              "Throughput (input tokens/s) by configuration.")
     alpha = ok[ok["group"].str.startswith("alpha/")]
     if len(alpha) >= 2:
@@ -205,7 +212,7 @@ def build_report(folder: str | Path) -> Path:
         frame = ok[ok["task"] == task]
         metrics = [c for c in ("word_perplexity", "token_perplexity", "bits_per_byte", "acc", "acc_norm", "perplexity")
                    if c in frame and frame[c].notna().any()]
-        lines += [f"### {task} (n = {frame['n_items'].iloc[0]} items, max_length {frame['max_length'].iloc[0]})", "",
+        lines += [f"### {task} ({_budget(frame)})", "",
                   _markdown(frame, ["label", "mean_experts", "floor_rate", "ceiling_rate", *metrics, "tokens_per_s"]), ""]
     lines += ["## Paired tests against native top-8", "",
               "Perplexity ratio: paired bootstrap (2000 resamples) over items, candidate / native. Item-level test: "
