@@ -339,7 +339,10 @@ def cohens_dz_interval(dz: float, n: int, confidence: float = 0.95) -> tuple[flo
         while f(hi) > 0:
             step *= 2
             hi += step
-        return optimize.brentq(f, lo, hi, xtol=1e-10)
+        try:
+            return optimize.brentq(f, lo, hi, xtol=1e-10)
+        except ValueError:  # scipy's noncentral-t CDF is NaN far in its tails (tiny n, large |d_z|)
+            return np.nan
     return (solve(1 - tail) / math.sqrt(n), solve(tail) / math.sqrt(n))
 
 

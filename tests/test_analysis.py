@@ -356,3 +356,11 @@ def test_summarize_routing_is_json_and_consistent():
     assert summary["n_layers"] == 3 and summary["n_tokens"] == 40
     top1 = analysis.summarize_routing(np.ones((1, 1), dtype=int), min_k=1, max_k=1)
     assert top1["experts_std"] is None  # one value: no sample SD, and None rather than NaN
+
+
+def test_dz_interval_is_nan_not_an_error_where_scipy_cannot_evaluate_it():
+    """n = 2 with a large effect: scipy's nct.cdf returns NaN in the far tail, the CI is undefined."""
+    low, high = analysis.cohens_dz_interval(-4.02, 2)
+    assert math.isnan(low) or math.isnan(high)
+    result = analysis.paired_comparison([1.0, 2.0], [0.5, 1.45], unit="document")
+    assert result["n"] == 2 and result["mean_difference"] == pytest.approx(-0.525)
