@@ -1,0 +1,138 @@
+"""Evaluator throughput against the naive per-item loop, on the same requests, one run each.
+
+    python bench/bench_eval.py                       # bundled tiny model (tiny random OLMoE if absent), CPU
+    python bench/bench_eval.py --model allenai/OLMoE-1B-7B-0924 --device cuda --hellaswag 200
+
+Naive loop = one unbatched forward per request with full logits and a log-softmax over every
+position (lm-eval at batch size 1). Evaluator = `bh_routing.evaluation.score_requests`: length-
+bucketed batches, logits at the scored positions only. Both score exactly the same tokens; the
+script checks that they agree (max |delta log-prob|) before reporting tokens/s (non-padding input
+tokens per second of scoring; tokenisation, shared by both, is reported separately). With
+--repeats R the two alternate R times and each one's fastest run is reported (shared machines).
+Writes bench/results/eval_<device>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bh_routing import evaluation as ev
+
+OLMOE_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizer" / \
+    "allenai_gpt-neox-olmo-dolma-v1_5.json"
+
+
+def tiny_random_olmoe(max_length: int):
+    """The fallback: a random OLMoE of the bundled tiny model's shape (scripts/train_tiny_olmoe.py
+    defaults: 5 layers, hidden 64, 64 experts of width 32, top-8, 4 heads), with OLMoE's tokenizer."""
+    from transformers import AutoModelForCausalLM, OlmoeConfig, PreTrainedTokenizerFast
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(OLMOE_TOKENIZER), eos_token="<|endoftext|>",
+                                        pad_token="<|padding|>")
+    config = OlmoeConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=32, num_hidden_layers=5,
+                         num_attention_heads=4, num_key_value_heads=4, num_experts=64, num_experts_per_tok=8,
+                         max_position_embeddings=max_length, norm_topk_prob=False,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval(), tokenizer, "tiny random OLMoE (5 layers, 64 experts, OLMoE tokenizer)"
+
+
+def load(name: str, device: str, max_length: int):
+    from bh_routing.models import TINY_MODEL_DIR, load_model
+    if name == "tiny" and not (TINY_MODEL_DIR / "config.json").is_file():
+        return tiny_random_olmoe(max_length)
+    model, tokenizer = load_model(name, device=device, verbose=False)
+    return model, tokenizer, name
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--hellaswag", type=int, default=50, help="items (4 requests each)")
+    parser.add_argument("--lambada", type=int, default=100, help="items")
+    parser.add_argument("--wikitext", type=int, default=2, help="articles")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each; the fastest is reported")
+    parser.add_argument("--max-length", type=int, default=None, help="default: the model's context length")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    model, tokenizer, model_name = load(args.model, args.device, args.max_length or 256)
+    max_length = args.max_length or ev.resolve_max_length(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ev.prefix_token_id(tokenizer)
+    machine = {"device": str(next(model.parameters()).device), "cpu": platform.processor() or platform.machine(),
+               "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else None,
+               "load_average_before": os.getloadavg()}
+    rows = []
+    for task, n in (("hellaswag", args.hellaswag), ("lambada", args.lambada), ("wikitext", args.wikitext)):
+        if n <= 0:
+            continue
+        docs = ev.load_docs(task, n=n, source="bundled")[0]
+        started = time.perf_counter()
+        requests = ev.TASKS[task].build_requests(docs, tokenizer, max_length, None)
+        tokenize_s = time.perf_counter() - started
+        ev.score_requests(model, requests[:4], pad_token_id=pad)                         # warm-up
+        # alternate the two, keep each one's fastest run: on a shared machine the minimum is the
+        # run least disturbed by other processes
+        runs = [(ev.score_requests(model, requests, pad_token_id=pad), ev.score_naive(model, requests),
+                 ev.score_requests(model, requests, pad_token_id=pad, share_prefix=True) if task == "hellaswag" else None)
+                for _ in range(args.repeats)]
+        fast = min((run[0] for run in runs), key=lambda s: s.stats["seconds"])
+        naive = min((run[1] for run in runs), key=lambda s: s.stats["seconds"])
+        shared = min((run[2] for run in runs), key=lambda s: s.stats["seconds"]) if task == "hellaswag" else None
+        delta = float(np.abs(fast.logprobs - naive.logprobs).max())
+        row = {"task": task, "items": n, "requests": len(requests), "max_length": max_length,
+               "input_tokens": fast.stats["input_tokens"], "scored_tokens": fast.stats["scored_tokens"],
+               "tokenize_s": tokenize_s,
+               "evaluator_s": fast.stats["seconds"], "naive_s": naive.stats["seconds"],
+               "evaluator_tokens_per_s": fast.stats["input_tokens_per_s"],
+               "naive_tokens_per_s": naive.stats["input_tokens_per_s"],
+               "speedup": naive.stats["seconds"] / fast.stats["seconds"],
+               "batches": fast.stats["n_batches"], "max_batch_tokens": fast.stats["max_batch_tokens"],
+               "padding_fraction": fast.stats["padding_fraction"], "max_abs_delta_logprob": delta,
+               "greedy_equal": bool(np.array_equal(fast.greedy, naive.greedy)),
+               "share_prefix": bool(fast.stats["shared_prefix_groups"])}
+        if shared is not None:     # the other setting of share_prefix, for the record
+            row["other_share_prefix"] = {
+                "share_prefix": bool(shared.stats["shared_prefix_groups"]), "evaluator_s": shared.stats["seconds"],
+                "evaluator_tokens_per_s": shared.stats["input_tokens_per_s"],
+                "computed_tokens": shared.stats["computed_tokens"], "batches": shared.stats["n_batches"],
+                "max_abs_delta_logprob": float(np.abs(shared.logprobs - naive.logprobs).max())}
+        rows.append(row)
+        print(f"{task:9s} {len(requests):5d} requests {row['input_tokens']:7d} tokens | evaluator "
+              f"{row['evaluator_tokens_per_s']:9.0f} tok/s | naive {row['naive_tokens_per_s']:8.0f} tok/s | "
+              f"x{row['speedup']:.1f} | padding {row['padding_fraction']:.1%} | max|d| {delta:.1e}", flush=True)
+        if shared is not None:
+            other = row["other_share_prefix"]
+            print(f"{'':9s} share_prefix={other['share_prefix']}: evaluator {other['evaluator_tokens_per_s']:9.0f} "
+                  f"tok/s ({other['computed_tokens']} tokens computed, {other['batches']} batches) | "
+                  f"max|d| {other['max_abs_delta_logprob']:.1e}", flush=True)
+    total_fast = sum(r["evaluator_s"] for r in rows)
+    total_naive = sum(r["naive_s"] for r in rows)
+    tokens = sum(r["input_tokens"] for r in rows)
+    summary = {"evaluator_tokens_per_s": tokens / total_fast, "naive_tokens_per_s": tokens / total_naive,
+               "speedup": total_naive / total_fast}
+    print(f"all       {tokens:7d} tokens | evaluator {summary['evaluator_tokens_per_s']:.0f} tok/s | naive "
+          f"{summary['naive_tokens_per_s']:.0f} tok/s | x{summary['speedup']:.1f}")
+    machine["load_average_after"] = os.getloadavg()
+    report = {"model": model_name, "machine": machine, "repeats": args.repeats,
+              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "tasks": rows, "overall": summary}
+    out = Path(args.out or Path(__file__).parent / "results" / f"eval_{machine['device'].split(':')[0]}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
