@@ -261,46 +261,34 @@ def _topk(params):
     return select
 
 
-def _threshold(params):
-    tau, t = params.pop("tau"), params.pop("temperature", 1.0)
-    if not 0.0 <= tau < 1.0:
-        raise ValueError(f"threshold tau must be in [0, 1), got {tau}")
-    check_temperature(t)
-    max_k = params["max_k"]
+def _prefix_strategy(name: str, knob: str, interval: str, valid: Callable[[float], bool],
+                     count: Callable[[torch.Tensor, float, int], torch.Tensor]):
+    """A strategy that keeps the ``count(probs [T, N], knob, max_k)`` most probable experts."""
+    def make(params):
+        value, t = params.pop(knob), params.pop("temperature", 1.0)
+        if not valid(value):
+            raise ValueError(f"{name} {knob} must be in {interval}, got {value}")
+        check_temperature(t)
+        max_k = params["max_k"]
 
-    def select(logits, layer):
-        counts = (_probabilities(logits, t) > tau).sum(dim=1)
-        return _top_order(logits, max_k), counts
-    return select
-
-
-def _top_p(params):
-    mass, t = params.pop("p"), params.pop("temperature", 1.0)
-    if not 0.0 < mass <= 1.0:
-        raise ValueError(f"top_p p must be in (0, 1], got {mass}")
-    check_temperature(t)
-    max_k = params["max_k"]
-
-    def select(logits, layer):
-        top = torch.topk(_probabilities(logits, t), max_k, dim=-1).values  # [T, K] descending
-        # Smallest prefix with mass >= p, crossing expert included. Beyond K the clamp decides anyway.
-        counts = (top.cumsum(dim=1) < mass).sum(dim=1) + 1
-        return _top_order(logits, max_k), counts
-    return select
+        def select(logits, layer):
+            return _top_order(logits, max_k), count(_probabilities(logits, t), value, max_k)
+        return select
+    return make
 
 
-def _ratio(params):
-    beta, t = params.pop("beta"), params.pop("temperature", 1.0)
-    if not 0.0 < beta <= 1.0:
-        raise ValueError(f"ratio beta must be in (0, 1], got {beta}")
-    check_temperature(t)
-    max_k = params["max_k"]
+def _above_threshold(probs, tau, max_k):
+    return (probs > tau).sum(dim=1)
 
-    def select(logits, layer):
-        probs = _probabilities(logits, t)
-        counts = (probs >= beta * probs.amax(dim=1, keepdim=True)).sum(dim=1)
-        return _top_order(logits, max_k), counts
-    return select
+
+def _smallest_prefix_with_mass(probs, mass, max_k):
+    top = torch.topk(probs, max_k, dim=-1).values  # [T, K] descending
+    # Crossing expert included; beyond K the clamp decides anyway.
+    return (top.cumsum(dim=1) < mass).sum(dim=1) + 1
+
+
+def _within_ratio_of_max(probs, beta, max_k):
+    return (probs >= beta * probs.amax(dim=1, keepdim=True)).sum(dim=1)
 
 
 def entropy_buckets(router_logits: torch.Tensor, ks: list[int], temperature: float = 1.0) -> list[float]:
@@ -363,9 +351,9 @@ STRATEGIES: dict[str, Callable] = {
     "topk": _topk,
     "topk_renorm": _topk,
     "topk_uniform": _topk,
-    "threshold": _threshold,
-    "top_p": _top_p,
-    "ratio": _ratio,
+    "threshold": _prefix_strategy("threshold", "tau", "[0, 1)", lambda v: 0.0 <= v < 1.0, _above_threshold),
+    "top_p": _prefix_strategy("top_p", "p", "(0, 1]", lambda v: 0.0 < v <= 1.0, _smallest_prefix_with_mass),
+    "ratio": _prefix_strategy("ratio", "beta", "(0, 1]", lambda v: 0.0 < v <= 1.0, _within_ratio_of_max),
     "entropy": _entropy,
     "bh": _stepup("bh"),
     "by": _stepup("by"),
