@@ -100,20 +100,13 @@ def check_temperature(temperature: float) -> None:
 # --------------------------------------------------------------------------- ordering
 
 
-def _descending_float_key(x: torch.Tensor) -> torch.Tensor:
-    """int64 in [0, 2**32) that sorts *descending* in the float32 value of ``x``."""
-    bits = x.float().view(torch.int32)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # int32, monotone in the float value
-    return (~ordered).long() + 2**31  # larger float -> smaller key
-
-
 def ordering_key(pvalues: torch.Tensor, tiebreak: torch.Tensor | None = None) -> torch.Tensor:
     """Exact lexicographic int64 key [T, N] for float32 p-values: high 32 bits = bits of p
     (>= 0, so monotone), low 32 bits = descending tiebreak (the logit) or the column index."""
     high = (pvalues + 0.0).view(torch.int32).long() << 32  # + 0.0 turns -0.0 into +0.0
     if tiebreak is None:
         return high | torch.arange(pvalues.shape[1], device=pvalues.device)
-    return high | _descending_float_key(tiebreak)
+    return high | ((2**32 - 1) - pv.monotone_key(tiebreak))  # larger logit -> smaller key
 
 
 def smallest_k_order(pvalues: torch.Tensor, k: int, tiebreak: torch.Tensor | None = None) -> torch.Tensor:
