@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from . import analysis, plots
+from .selection import ADAPTIVE_DEFAULTS, STEPUP_DEFAULTS
 from .store import ResultStore, write_atomic, write_json
 
 QUALITY = {  # task -> (metric, higher is better): the number a Pareto plot of that task shows
@@ -43,10 +44,9 @@ def runs_table(records: list[dict]) -> pd.DataFrame:
         row |= {knob: routing.get(knob) for knob in KNOB_COLUMNS}
         if "per_layer" in routing:
             row["pvalues"] = "per-layer"
-        if routing.get("strategy") in ("bh", "by"):
-            row["pvalues"] = row["pvalues"] or "empirical"
-            row["alpha"] = row["alpha"] if row["alpha"] is not None else 0.05
-            row["max_k"] = row["max_k"] or 8
+        if routing.get("strategy") in ("bh", "by"):  # show the defaults build_router applied
+            row |= {knob: default for knob, default in {**ADAPTIVE_DEFAULTS, **STEPUP_DEFAULTS}.items()
+                    if row.get(knob) is None}
         row["target_k"] = (routing.get("calibrated") or {}).get("target_k")
         row |= {name: value for name, value in (r.get("metrics") or {}).items()}
         rows.append(row)

@@ -32,6 +32,8 @@ import torch
 from . import pvalues as pv
 
 PAD_INDEX = 0
+ADAPTIVE_DEFAULTS = {"min_k": 1, "max_k": 8}  # every strategy but the top-k family
+STEPUP_DEFAULTS = {"alpha": 0.05, "pvalues": "empirical"}  # bh / by
 
 
 @dataclass(frozen=True)
@@ -319,9 +321,9 @@ def _entropy(params):
 
 def _stepup(procedure):
     def make(params, calibration=None):
-        alpha = params.pop("alpha", 0.05)
+        alpha = params.pop("alpha", STEPUP_DEFAULTS["alpha"])
         check_alpha(alpha)
-        model = params.pop("pvalues", "empirical")
+        model = params.pop("pvalues", STEPUP_DEFAULTS["pvalues"])
         t = params.pop("temperature", 1.0)
         pvalue_model = pv.build_pvalue_model(model, temperature=t, calibration=calibration, alpha=alpha)
         min_k, max_k = params["min_k"], params["max_k"]
@@ -370,8 +372,7 @@ def build_router(config: Mapping | Router, calibration: "pv.Calibration | None" 
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}")
     if name not in ("topk", "topk_renorm", "topk_uniform"):
-        params.setdefault("min_k", 1)
-        params.setdefault("max_k", 8)
+        params = {**ADAPTIVE_DEFAULTS, **params}
     renormalize = params.pop("renormalize", None)
     if name == "topk_renorm":
         renormalize = True
