@@ -114,33 +114,16 @@ class Calibration:
                                                (self.empirical, self.empirical_counts, self.pooled, self.pooled_counts))
         return self._device_cache[device]
 
-    def tail_index(self, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(keys [N*M] int64, counts [N], M): layer ``layer``'s per-expert nulls as one ascending
-        1-D array, row e's monotone float keys offset by e * 2**32, so one flat searchsorted
-        answers queries for any mix of experts."""
-        key = ("tail", layer, device)
+    def tail_table(self, model: str, layer: int, cutoff: float, device: torch.device) -> "TailTable":
+        """What the ``model`` (empirical|pooled) p-values <= ``cutoff`` of layer ``layer`` need
+        (see ``TailTable``), cached."""
+        key = ("tail", model, layer, cutoff, device)
         if key not in self._device_cache:
-            null = self.empirical[layer]  # [N, M]
-            rows = torch.arange(null.shape[0])[:, None] << 32
-            self._device_cache[key] = ((rows + monotone_key(null)).reshape(-1).to(device),
-                                       self.empirical_counts[layer].to(device), null.shape[1])
-        return self._device_cache[key]
-
-    def tail_thresholds(self, layer: int, cutoff: float, device: torch.device) -> torch.Tensor:
-        """[N] logits t_e with  p_e(x) <= cutoff  <=>  x > t_e  for the float32 p-values of
-        ``upper_tail_pvalues`` (found by evaluating that very arithmetic for every count)."""
-        key = ("threshold", layer, cutoff, device)
-        if key not in self._device_cache:
-            null, counts = self.empirical[layer], self.empirical_counts[layer]  # [N, M], [N]
-            at_or_above = torch.arange(null.shape[1] + 1)[None, :]  # candidate #{null >= x}
-            p = (at_or_above + 1).float() / (counts[:, None] + 1).float()
-            ok = (p <= torch.tensor(cutoff, dtype=torch.float32)) & (at_or_above <= counts[:, None])
-            largest = torch.where(ok, at_or_above, -1).amax(dim=1)  # [N] largest allowed count, -1: none
-            below = counts - largest - 1  # x must exceed the null value with this many below it
-            thresholds = torch.where(largest < 0, torch.full_like(null[:, 0], math.inf),
-                                     null.gather(1, below.clamp(min=0)[:, None]).squeeze(1))
-            thresholds = torch.where(below < 0, torch.full_like(thresholds, -math.inf), thresholds)
-            self._device_cache[key] = thresholds.to(device)
+            if model == "empirical":
+                null, counts = self.empirical[layer], self.empirical_counts[layer]  # [N, M], [N]
+            else:  # one null shared by every expert
+                null, counts = self.pooled[layer][None, :], self.pooled_counts[layer][None]  # [1, M'], [1]
+            self._device_cache[key] = TailTable.build(null, counts, cutoff).to(device)
         return self._device_cache[key]
 
     def check_layer(self, layer: int | None, num_experts: int) -> int:
@@ -153,6 +136,56 @@ class Calibration:
             raise ValueError(f"logits have {num_experts} experts but the calibration has {self.num_experts}: "
                              "recalibrate on this model")
         return layer
+
+
+@dataclass(frozen=True)
+class TailTable:
+    """One layer's per-expert nulls (or its one pooled null) cut down to what p-values <= ``cutoff`` need.
+
+    ``p_e(x) <= cutoff  <=>  x > thresholds[e]`` for the float32 p-values of ``upper_tail_pvalues``
+    (found by evaluating that very arithmetic for every possible count). Such an ``x`` exceeds the
+    ``start[e]`` smallest null values, so only the top ``width`` ones (~cutoff·n, a few hundred) are
+    searched: ``keys`` holds them as monotone int64 keys, expert e's offset by e·2**32, so that one flat
+    searchsorted answers queries for any mix of experts from a table that stays in cache.
+    """
+    thresholds: torch.Tensor  # [R] float32 (R = N experts, or 1 pooled), +inf: no p-value <= cutoff
+    keys: torch.Tensor  # [R * width] int64 ascending
+    start: torch.Tensor  # [R] long: null values below index start[r] are all < any tail x
+    counts: torch.Tensor  # [R] long: null size n_r
+    width: int
+
+    @classmethod
+    def build(cls, null: torch.Tensor, counts: torch.Tensor, cutoff: float) -> "TailTable":
+        """``null`` [N, M] ascending (+inf padded), ``counts`` [N]."""
+        num_experts, size = null.shape
+        at_or_above = torch.arange(size + 1)[None, :]  # candidate #{null >= x}
+        p = (at_or_above + 1).float() / (counts[:, None] + 1).float()
+        ok = (p <= torch.tensor(cutoff, dtype=torch.float32)) & (at_or_above <= counts[:, None])
+        largest = torch.where(ok, at_or_above, -1).amax(dim=1)  # [N] largest allowed count, -1: none
+        below = counts - largest - 1  # x must exceed the null value with this many below it
+        thresholds = torch.where(largest < 0, torch.full_like(null[:, 0], math.inf),
+                                 null.gather(1, below.clamp(min=0)[:, None]).squeeze(1))
+        thresholds = torch.where(below < 0, torch.full_like(thresholds, -math.inf), thresholds)
+        start = torch.where(largest < 0, counts, below.clamp(min=0))  # [N]
+        width = max(int((counts - start).max()), 1)
+        columns = (start[:, None] + torch.arange(width)[None, :]).clamp(max=size - 1)  # [N, width]
+        top = torch.where(columns < counts[:, None], null.gather(1, columns), math.inf)
+        rows = torch.arange(num_experts)[:, None] << 32
+        return cls(thresholds, (rows + monotone_key(top)).reshape(-1), start, counts, width)
+
+    def to(self, device) -> "TailTable":
+        return TailTable(self.thresholds.to(device), self.keys.to(device), self.start.to(device),
+                         self.counts.to(device), self.width)
+
+    def pvalues(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Entries of ``x`` [T, N] float32 with p <= cutoff: (tokens [E], experts [E], p [E]), row-major."""
+        tokens, experts = (x > self.thresholds).nonzero(as_tuple=True)
+        null = experts if self.counts.numel() > 1 else torch.zeros_like(experts)  # [E] row of the table
+        query = (null << 32) + monotone_key(x[tokens, experts])
+        found = torch.searchsorted(self.keys, query, side="left") - null * self.width
+        n = self.counts[null]
+        below = self.start[null] + found  # #{null < x}
+        return tokens, experts, (n - below + 1).float() / (n + 1).float()
 
 
 # --------------------------------------------------------------------------- p-value models
@@ -174,14 +207,31 @@ def monotone_key(x: torch.Tensor) -> torch.Tensor:
     return torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits) + 2**31
 
 
-def _truncate(p: torch.Tensor, cutoff: float | None) -> torch.Tensor:
-    return p if cutoff is None else torch.where(p <= cutoff, p, torch.ones((), dtype=p.dtype, device=p.device))
+@dataclass(frozen=True)
+class PValueModel:
+    """``model(logits [T, N], layer) -> p-values [T, N]`` float32 in (0, 1].
+
+    ``model.tail(logits, layer, cutoff)`` returns only the entries with p <= cutoff, row-major, as
+    (tokens [E], experts [E], p [E]): all a step-up procedure whose largest critical value is
+    ``cutoff`` looks at. ``empirical`` computes just those (a few per token) instead of all T*N."""
+    dense: Callable[[torch.Tensor, int | None], torch.Tensor]
+    sparse_tail: Callable[[torch.Tensor, int | None, float], tuple] | None = None
+
+    def __call__(self, logits: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        return self.dense(logits, layer)
+
+    def tail(self, logits: torch.Tensor, layer: int | None, cutoff: float):
+        if self.sparse_tail is not None:
+            return self.sparse_tail(logits, layer, cutoff)
+        p = self.dense(logits, layer)
+        tokens, experts = (p <= cutoff).nonzero(as_tuple=True)
+        return tokens, experts, p[tokens, experts]
 
 
 def _softmax_pvalues(temperature):
-    def pvalues(logits, layer, cutoff=None):
-        return _truncate(1.0 - torch.softmax(logits / temperature, dim=-1, dtype=torch.float32), cutoff)
-    return pvalues
+    def pvalues(logits, layer):
+        return 1.0 - torch.softmax(logits / temperature, dim=-1, dtype=torch.float32)
+    return PValueModel(pvalues)
 
 
 def _zscore_pvalues(temperature):
@@ -189,14 +239,14 @@ def _zscore_pvalues(temperature):
         raise ValueError("temperature has no effect on zscore p-values (the z-score is scale-invariant); "
                          "tune alpha instead, or use pvalues='empirical'")
 
-    def pvalues(logits, layer, cutoff=None):
+    def pvalues(logits, layer):
         x = logits.double()
         med = _median(x)
         mad = _median((x - med).abs())
         scale = (1.4826 * mad).clamp(min=torch.finfo(torch.float64).tiny)
         z = (x - med) / scale
-        return _truncate((0.5 * torch.erfc(z / math.sqrt(2.0))).float(), cutoff)
-    return pvalues
+        return (0.5 * torch.erfc(z / math.sqrt(2.0))).float()
+    return PValueModel(pvalues)
 
 
 def _median(x: torch.Tensor) -> torch.Tensor:
@@ -207,34 +257,29 @@ def _median(x: torch.Tensor) -> torch.Tensor:
 
 
 def _pooled_pvalues(temperature, calibration):
-    def pvalues(logits, layer, cutoff=None):
+    def pvalues(logits, layer):
         calibration.check_layer(layer, logits.shape[1])
         _, _, pooled, pooled_counts = calibration.on(logits.device)
         x = (logits / temperature).float().reshape(1, -1)  # [1, T*N]
-        p = upper_tail_pvalues(pooled[layer:layer + 1], pooled_counts[layer:layer + 1], x).view_as(logits)
-        return _truncate(p, cutoff)
-    return pvalues
+        return upper_tail_pvalues(pooled[layer:layer + 1], pooled_counts[layer:layer + 1], x).view_as(logits)
+    return PValueModel(pvalues, _calibrated_tail("pooled", temperature, calibration))
 
 
 def _empirical_pvalues(temperature, calibration):
-    def pvalues(logits, layer, cutoff=None):
+    def pvalues(logits, layer):
         calibration.check_layer(layer, logits.shape[1])
+        empirical, counts, _, _ = calibration.on(logits.device)
         x = (logits / temperature).float()  # [T, N]
-        if cutoff is None:
-            empirical, counts, _, _ = calibration.on(logits.device)
-            return upper_tail_pvalues(empirical[layer], counts[layer], x.T).T  # [T, N]
-        # Only p <= cutoff can matter to a step-up procedure: look up just those entries
-        # (a few per token) instead of all T*N — an exact search costs ~4x native top-k on CPU.
-        tail = x > calibration.tail_thresholds(layer, cutoff, x.device)  # [T, N]
-        tokens, experts = tail.nonzero(as_tuple=True)
-        keys, counts, width = calibration.tail_index(layer, x.device)
-        query = (experts << 32) + monotone_key(x[tokens, experts])
-        below = torch.searchsorted(keys, query, side="left") - experts * width  # #{null < x}
-        n = counts[experts]
-        p = torch.ones_like(x)
-        p[tokens, experts] = (n - below + 1).float() / (n + 1).float()
-        return p
-    return pvalues
+        return upper_tail_pvalues(empirical[layer], counts[layer], x.T).T  # [T, N]
+    return PValueModel(pvalues, _calibrated_tail("empirical", temperature, calibration))
+
+
+def _calibrated_tail(model, temperature, calibration):
+    def tail(logits, layer, cutoff):
+        calibration.check_layer(layer, logits.shape[1])
+        x = (logits / temperature if temperature != 1.0 else logits).float()  # [T, N]
+        return calibration.tail_table(model, layer, cutoff, x.device).pvalues(x)
+    return tail
 
 
 def _check_resolution(calibration: Calibration, model: str, alpha: float) -> None:
@@ -253,11 +298,9 @@ def _check_resolution(calibration: Calibration, model: str, alpha: float) -> Non
 
 
 def build_pvalue_model(name: str, temperature: float = 1.0, calibration: Calibration | None = None,
-                       alpha: float | None = None) -> Callable[..., torch.Tensor]:
-    """``model(logits [T, N] float32, layer, cutoff=None) -> p-values [T, N] float32``.
-
-    With ``cutoff``, p-values above it are reported as exactly 1: a step-up procedure whose largest
-    critical value is ``cutoff`` decides the same, and ``empirical`` gets much cheaper."""
+                       alpha: float | None = None) -> PValueModel:
+    """The p-value model ``name``: ``model(logits [T, N] float32, layer) -> p-values [T, N] float32``
+    (see ``PValueModel`` for its sparse ``tail``)."""
     from .selection import check_temperature
     check_temperature(temperature)
     if name not in PVALUE_MODELS:

@@ -67,7 +67,7 @@ def check_logits(router_logits: torch.Tensor) -> torch.Tensor:
     if not router_logits.is_floating_point():
         raise TypeError(f"router logits must be floating point, got {router_logits.dtype}")
     logits = router_logits if router_logits.dtype == torch.float64 else router_logits.float()
-    if logits.numel() and not bool(torch.isfinite(logits).all()):
+    if logits.numel() and not bool(torch.isfinite(logits.abs().amax())):  # NaN propagates through amax
         bad = int((~torch.isfinite(logits)).sum())
         raise ValueError(f"router logits contain {bad} NaN/inf values: the model's forward pass is "
                          "numerically broken upstream of routing (try float32 or bfloat16 instead of float16)")
@@ -173,6 +173,54 @@ def _critical_rounded_down(critical: torch.Tensor, dtype: torch.dtype, device) -
     c_lo = critical.to(dtype)
     too_high = c_lo.double() > critical
     return torch.where(too_high, torch.nextafter(c_lo, torch.zeros_like(c_lo)), c_lo).to(device)
+
+
+def tail_stepup(tokens: torch.Tensor, experts: torch.Tensor, tail_p: torch.Tensor, logits: torch.Tensor,
+                critical: torch.Tensor, min_k: int, max_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order [T, max_k], counts [T]) of the step-up procedure from the p-values <= c_N alone.
+
+    ``tokens, experts, tail_p`` [E] (row-major) are the entries with p <= c_N (``PValueModel.tail``),
+    a few per token; every other p-value is treated as 1. Order: those entries by p, ties to the
+    larger logit, then the lower expert index; then the remaining experts by logit (the ``min_k``
+    floor). Counts: k* clamped to [min_k, max_k]. Same result as ``clamped_stepup`` on the dense
+    p-values with the others set to 1, without building or sorting a [T, N] key.
+    """
+    num_tokens, num_experts = logits.shape
+    device = logits.device
+    per_token = torch.bincount(tokens, minlength=num_tokens)  # [T] tail entries per token
+    width = int(per_token.max()) if tokens.numel() else 0
+    order = torch.full((num_tokens, max_k), PAD_INDEX, device=device)  # [T, max_k]
+    rejections = torch.zeros(num_tokens, dtype=torch.long, device=device)
+    if width:
+        first = per_token.cumsum(0) - per_token  # [T] position of each token's first entry
+        column = torch.arange(tokens.numel(), device=device) - first[tokens]  # [E] rank within its row
+        key = torch.full((num_tokens, width), torch.iinfo(torch.int64).max, device=device)  # [T, W]
+        key[tokens, column] = ordering_key(tail_p[:, None], logits[tokens, experts][:, None])[:, 0]
+        by_key = key.sort(dim=1, stable=True)  # stable: equal keys stay in expert order
+        expert_of = torch.zeros((num_tokens, width), dtype=torch.long, device=device)
+        expert_of[tokens, column] = experts
+        order[:, :width] = expert_of.gather(1, by_key.indices[:, :max_k])
+        # p <= c_k  <=>  key <= (bits of c_k rounded down, any tiebreak); padding keys never are
+        c_lo = _critical_rounded_down(critical, torch.float32, device)[:width]
+        bound = (c_lo.view(torch.int32).long() << 32) | (2**32 - 1)
+        ks = torch.arange(1, width + 1, device=device)
+        rejections = torch.where(by_key.values <= bound, ks, 0).amax(dim=1)
+    short = (per_token < min_k).nonzero().squeeze(1)  # tokens the floor fills beyond their tail entries
+    if short.numel():
+        not_tail = logits[short].float().clone()
+        in_short = torch.full((num_tokens,), -1, device=device)
+        in_short[short] = torch.arange(short.numel(), device=device)
+        hit = in_short[tokens] >= 0
+        not_tail[in_short[tokens[hit]], experts[hit]] = -math.inf
+        # equal logits go to the lower expert index (argmax: documented first maximum; stable sort)
+        if min_k == 1:
+            fill = not_tail.argmax(dim=1, keepdim=True)  # [S, 1]
+        else:
+            fill = torch.sort(not_tail, dim=1, descending=True, stable=True).indices[:, :min_k]  # [S, min_k]
+        slot = torch.arange(max_k, device=device)[None, :] - per_token[short][:, None]  # [S, max_k]
+        use_fill = (slot >= 0) & (slot < min_k)
+        order[short] = torch.where(use_fill, fill.gather(1, slot.clamp(0, min_k - 1)), order[short])
+    return order, rejections.clamp(min_k, max_k)
 
 
 def bh_select(pvalues: torch.Tensor, alpha: float, procedure: str = "bh", min_k: int = 0,
@@ -336,8 +384,8 @@ def _stepup(procedure):
                 cutoff = float(_critical_rounded_down(critical, torch.float32, "cpu")[-1])
                 tables[key] = critical, cutoff
             critical, cutoff = tables[key]
-            p = pvalue_model(logits, layer, cutoff)  # [T, N] float32; p > cutoff reported as 1
-            return clamped_stepup(p, critical, min_k, max_k, tiebreak=logits)
+            tokens, experts, p = pvalue_model.tail(logits, layer, cutoff)  # [E] entries with p <= cutoff
+            return tail_stepup(tokens, experts, p, logits, critical, min_k, max_k)
         return select
     return make
 

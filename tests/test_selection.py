@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from bh_routing import PAD_INDEX, bh_select, build_router, compute_pvalues, route
+from bh_routing import PAD_INDEX, Calibration, bh_select, build_router, compute_pvalues, route
 from bh_routing.selection import entropy_buckets, normalised_entropy
 
 multipletests = pytest.importorskip("statsmodels.stats.multitest").multipletests
@@ -62,6 +62,47 @@ def test_clamp_fills_and_cuts_in_pvalue_order_with_logit_tiebreak():
         assert routing.indices[t, :c].tolist() == order[:c].tolist()
         assert (routing.indices[t, c:] == PAD_INDEX).all() and (routing.weights[t, c:] == 0).all()
         assert (routing.weights[t, :c] == 1).all()
+
+
+def _strategy_reference(logits, p, alpha, procedure, min_k, max_k):
+    """numpy: k* from statsmodels on the dense p-values; order = p-values <= c_N ascending, ties to
+    the larger logit then the lower index, then every other expert by logit (the documented floor)."""
+    n = logits.shape[1]
+    c_n = alpha if procedure == "bh" else alpha / np.sum(1.0 / np.arange(1, n + 1))
+    method = {"bh": "fdr_bh", "by": "fdr_by"}[procedure]
+    expected = []
+    for row_p, row_logits in zip(p.double().numpy(), logits.float().numpy()):
+        k = int(np.clip(multipletests(row_p, alpha=alpha, method=method)[0].sum(), min_k, max_k))
+        truncated = np.where(row_p <= c_n, row_p, 1.0)
+        expected.append(np.lexsort((np.arange(n), -row_logits, truncated))[:k].tolist())
+    return expected
+
+
+@pytest.mark.parametrize("pvalues", ["empirical", "pooled", "zscore", "softmax"])
+def test_stepup_strategies_equal_dense_reference(pvalues):
+    """The strategies compute only the p-values <= c_N (tail_stepup); a dense numpy reference on
+    every p-value must choose the same experts in the same order, with ties in p and in logits."""
+    g = torch.Generator().manual_seed(11)
+    bias = torch.randn(64, generator=g)
+    calibration = Calibration.from_router_logits([torch.randn(4000, 64, generator=g) + bias], top_k=8,
+                                                 max_samples_per_expert=1500)
+    logits = torch.randn(600, 64, generator=g) + bias
+    logits[::3] = torch.round(logits[::3] * 4) / 4  # many exactly equal logits (and so equal p-values)
+    logits[1::7, :5] += 4 * torch.rand(1, 5, generator=g) + 2  # strong signals: large k*
+    logits[2::11] = bias.min() - 3  # flat, weak rows: nothing significant, the floor fills by logit
+    logits = logits * (3.0 if pvalues == "softmax" else 1.0)
+    p = compute_pvalues(logits, pvalues, 0, calibration)
+    for procedure in ("bh", "by"):
+        for alpha, min_k, max_k in ((0.05, 0, 64), (0.2, 1, 8), (0.5, 3, 6), (1.0, 8, 8), (0.01, 2, 64)):
+            if pvalues == "softmax" and alpha < 0.5:
+                alpha = 0.99  # softmax p-values sit near 1: only a large alpha reaches them
+            config = {"strategy": procedure, "alpha": alpha, "pvalues": pvalues, "min_k": min_k, "max_k": max_k}
+            routing = route(logits, config, layer=0, calibration=calibration)
+            expected = _strategy_reference(logits, p, alpha, procedure, min_k, max_k)
+            assert routing.counts.tolist() == [len(e) for e in expected], config
+            for t, chosen in enumerate(expected):
+                assert routing.indices[t, :len(chosen)].tolist() == chosen, (config, t)
+                assert (routing.indices[t, len(chosen):] == PAD_INDEX).all()
 
 
 def test_bh_controls_fdr_in_simulation():
