@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Run the patching / recording tests (and the cheap selection tests) under another transformers
-# version, in a throw-away venv that reuses the system torch (never downloads torch):
+# Run the patching / recording tests (the cheap selection tests, and the evaluator's batching tests)
+# under another transformers version, in a throw-away venv that reuses the system torch (never downloads torch):
 #
 #   .ci/compat.sh 4.46.*        # oldest supported
 #   .ci/compat.sh 4.57.*        # newest 4.x
@@ -37,6 +37,11 @@ TESTS=(tests/test_patching.py tests/test_recording.py)
 for cheap in tests/test_selection.py tests/test_pvalues.py; do
   [ -f "$ROOT/$cheap" ] && TESTS+=("$cheap")
 done
+# The evaluator's batching: padding, and the packed rows of shared prefixes (a custom 4-D attention
+# mask, which each transformers version handles in its own masking code).
+TESTS+=("tests/test_evaluation.py::test_batched_per_token_logprobs_equal_unbatched"
+        "tests/test_evaluation.py::test_padding_side_batch_composition_and_prefix_sharing_do_not_change_scores"
+        "tests/test_evaluation.py::test_routing_statistics_exclude_padding")
 
 cd "$ROOT"
 echo "compat: transformers $("$VENV/bin/python" -c 'import transformers; print(transformers.__version__)')," \

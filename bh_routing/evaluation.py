@@ -16,8 +16,8 @@ are scored. One forward pass per batch, never `generate()`.
 Speed: requests are sorted by length (length bucketing, so a batch holds sequences of nearly the
 same length and padding is minimal), packed into batches under a token budget that fits the device
 (halved and retried on out-of-memory), and the vocabulary projection runs only at the positions
-that are scored (a HellaSwag/LAMBADA context costs no logits at all). On a GPU, HellaSwag's four
-endings share one pass over their context (its KV cache; `share_prefix`).
+that are scored (a HellaSwag/LAMBADA context costs no logits at all). HellaSwag's four endings share
+one pass over their context: one packed row per item with a 4-D attention mask (`share_prefix`).
 
 Results keep every scored token's log-probability, flat and in a fixed order, so two routing
 configurations evaluated on the same model, data and `max_length` can be compared token by token
@@ -26,7 +26,6 @@ kept too, with padding excluded.
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import platform
@@ -380,7 +379,7 @@ def _token_logprobs(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.T
 
 def score_requests(model, requests: Sequence[Request], *, batch_size: int | str = "auto",
                    max_batch_tokens: int | None = None, padding_side: str = "right", pad_token_id: int = 0,
-                   share_prefix: bool | str = "auto", recorder=None, progress: bool = False) -> Scores:
+                   share_prefix: bool = True, recorder=None, progress: bool = False) -> Scores:
     """Log-probabilities of every request's scored tokens, batched.
 
     batch_size: "auto" packs length-sorted requests under a token budget (`max_batch_tokens`, default
@@ -389,9 +388,8 @@ def score_requests(model, requests: Sequence[Request], *, batch_size: int | str 
         halves the batch and the evaluation goes on.
     padding_side: "right" or "left"; scores do not depend on it (positions come from the mask).
     share_prefix: requests whose unscored inputs are identical (HellaSwag's 4 endings) run that
-        prefix once and their scored parts on its KV cache: same scores, about half the tokens.
-        "auto" = on a GPU only: on a CPU, a small model's cost is per forward call (the extra
-        passes cost more than the tokens saved: measured 1.4 s vs 1.15 s for 800 requests).
+        prefix once, packed in one row with their scored parts (`_score_shared_batch`): same scores,
+        about half the tokens. Needs a model that accepts a 4-D attention mask (HF decoders do).
     recorder: a `bh_routing.recording` recorder attached to `model` (optional): the experts used
         at each scored position, and summed over every non-padding position computed, are returned.
     """
@@ -405,16 +403,15 @@ def score_requests(model, requests: Sequence[Request], *, batch_size: int | str 
     else:
         budget, per_batch = None, int(batch_size)
 
-    # A unit is one request, or a group of requests sharing their unscored prefix (scored together
-    # on one KV cache). Length bucketing: longest first (an OOM happens at once, and the padded
-    # length of a batch is that of its first unit); ties in request order, so runs are reproducible.
-    if share_prefix == "auto":
-        share_prefix = device.type == "cuda"
+    # A unit is one request, or a group of requests sharing their unscored prefix (one packed row).
+    # Either is one row of `cost` tokens. Length bucketing: longest first (an OOM happens at once,
+    # and the padded length of a batch is that of its first unit); ties in request order, so runs
+    # are reproducible.
     groups = _shared_prefix_groups(requests) if share_prefix and split is not None else []
     grouped = {i for group in groups for i in group}
     units = [[i] for i in range(len(requests)) if i not in grouped] + groups
     cost = [_unit_tokens(requests, unit) for unit in units]
-    order = sorted(range(len(units)), key=lambda u: (-max(requests[i].input_length for i in units[u]), units[u][0]))
+    order = sorted(range(len(units)), key=lambda u: (-cost[u], units[u][0]))
     lengths = np.array([r.n_scored for r in requests], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     logprobs = np.zeros(offsets[-1], dtype=np.float32)
@@ -428,8 +425,8 @@ def score_requests(model, requests: Sequence[Request], *, batch_size: int | str 
         # a batch: consecutive units of one kind (single or shared-prefix) under the budget
         first = units[order[position]]
         shared = len(first) > 1
-        longest = max(requests[i].input_length for i in first)
-        taken, tokens, n_sequences = [first], cost[order[position]], len(first)
+        longest = cost[order[position]]   # the batch's row width
+        taken, tokens, n_sequences = [first], longest, len(first)
         for u in order[position + 1:]:
             unit = units[u]
             if (len(unit) > 1) != shared:
@@ -437,10 +434,9 @@ def score_requests(model, requests: Sequence[Request], *, batch_size: int | str 
             if per_batch is not None:
                 if n_sequences + len(unit) > per_batch:
                     break
-            # "auto": memory as if every sequence were `longest` long (a shared prefix saves compute,
-            # not KV cache); a new bucket when lengths fall far below the longest (bounds padding)
-            elif ((n_sequences + len(unit)) * longest > budget
-                  or max(requests[i].input_length for i in unit) < _MIN_LENGTH_RATIO * longest):
+            # "auto": rows x the longest row under the budget; a new bucket when rows get far
+            # shorter than the longest (bounds padding)
+            elif (len(taken) + 1) * longest > budget or cost[u] < _MIN_LENGTH_RATIO * longest:
                 break
             taken.append(unit)
             tokens, n_sequences = tokens + cost[u], n_sequences + len(unit)
@@ -455,7 +451,7 @@ def score_requests(model, requests: Sequence[Request], *, batch_size: int | str 
             if not _is_oom(error):
                 raise
             if len(taken) == 1:
-                raise RuntimeError(f"out of memory on a single unit ({n_sequences} sequence(s) of up to "
+                raise RuntimeError(f"out of memory on a single unit ({n_sequences} sequence(s) in one row of "
                                    f"{longest} tokens): pass a smaller max_length") from error
             oom_retries += 1
             if device.type == "cuda":
@@ -463,7 +459,7 @@ def score_requests(model, requests: Sequence[Request], *, batch_size: int | str 
             if per_batch is not None:
                 per_batch = max(1, n_sequences // 2)
             else:
-                budget = max(longest, (n_sequences // 2) * longest)
+                budget = max(longest, (len(taken) // 2) * longest)
             continue
         flat = [i for unit in taken for i in unit]
         for j, request_index in enumerate(flat):
@@ -570,82 +566,62 @@ def _unit_tokens(requests: Sequence[Request], unit: Sequence[int]) -> int:
 
 
 def _score_shared_batch(model, split, groups: Sequence[Sequence[Request]], device, pad_token_id: int, recorder):
-    """Groups of requests sharing their unscored prefix: the prefixes run once (left-padded, so they
-    end in the same column); then the members' scored parts run on copies of that KV cache, in
-    chunks of similar length (HellaSwag endings vary 3-40 tokens: one chunk would be mostly
-    padding). Same scores as one sequence per request; returns what `_score_batch` does."""
-    from transformers import DynamicCache
-    decoder, head = split
-    to = lambda t: t.to(device)  # noqa: E731
-    prefixes = [g[0].tokens[:_prefix_length(g[0])] for g in groups]
-    members = [r for g in groups for r in g]
-    owner = torch.tensor([k for k, g in enumerate(groups) for _ in g])                 # [R] group of each member
-    width_p = max(map(len, prefixes))
-    prefix_ids = torch.full((len(groups), width_p), pad_token_id, dtype=torch.long)     # [G, P] left-padded
-    prefix_mask = torch.zeros_like(prefix_ids)
-    for k, p in enumerate(prefixes):
-        prefix_ids[k, width_p - len(p):] = torch.tensor(p)
-        prefix_mask[k, width_p - len(p):] = 1
-    prefix_lengths = prefix_mask.sum(dim=1)                                             # [G]
+    """Groups of requests sharing their unscored prefix, one packed row per group:
 
-    # chunks of members whose scored parts have similar lengths, longest first
-    chunks: list[list[int]] = []
-    for b in sorted(range(len(members)), key=lambda b: -members[b].n_scored):
-        top = members[chunks[-1][0]].n_scored if chunks else 0
-        if chunks and top - members[b].n_scored <= max(4, (1 - _MIN_LENGTH_RATIO) * top):
-            chunks[-1].append(b)
-        else:
-            chunks.append([b])
+        [prefix | member 1's scored part | member 2's | ...]   positions 0..P-1 | P.. | P.. | ...
+
+    A 4-D attention mask lets each part see the prefix and itself (causally), never another part, so
+    every part scores exactly as its own sequence would; the prefix runs once and there is one
+    forward pass per batch (no KV cache to copy). Returns what `_score_batch` does."""
+    decoder, head = split
+    rows = []   # per group: token ids, segment per token (0 prefix, j member j), positions
+    for group in groups:
+        prefix_length = _prefix_length(group[0])
+        ids, segment, position = list(group[0].tokens[:prefix_length]), [0] * prefix_length, list(range(prefix_length))
+        for j, r in enumerate(group, start=1):
+            ids += r.tokens[prefix_length:r.input_length]
+            segment += [j] * r.n_scored
+            position += range(prefix_length, prefix_length + r.n_scored)
+        rows.append((ids, segment, position))
+    width = max(len(ids) for ids, _, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)            # [B, W]
+    segments = torch.full((len(rows), width), -1, dtype=torch.long)                        # [B, W], -1 padding
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)                        # [B, W]
+    cols, targets = [], []
+    for b, ((ids, segment, position), group) in enumerate(zip(rows, groups)):
+        input_ids[b, :len(ids)] = torch.tensor(ids)
+        segments[b, :len(ids)] = torch.tensor(segment)
+        position_ids[b, :len(ids)] = torch.tensor(position)
+        start = _prefix_length(group[0])
+        for r in group:
+            cols.append(torch.arange(start, start + r.n_scored) + b * width)
+            targets.extend(r.tokens[-r.n_scored:])
+            start += r.n_scored
+    query, key = segments[:, :, None], segments[:, None, :]                                 # [B, W, 1], [B, 1, W]
+    sees = ((key == 0) & (query >= 0)) | (key == query)
+    sees &= torch.ones(width, width, dtype=torch.bool).tril()                              # causal
+    sees |= torch.eye(width, dtype=torch.bool)             # padding sees itself: no all-masked row (NaN)
+    dtype = next(model.parameters()).dtype
+    mask = torch.zeros(sees.shape, dtype=dtype).masked_fill_(~sees, torch.finfo(dtype).min)[:, None]  # [B, 1, W, W]
+    flat_cols = torch.cat(cols)                                                             # [N] in B*W
 
     if recorder is not None:
         recorder.clear()
-    lp_all, gr_all, cells = [None] * len(members), [None] * len(members), []
-    padded = prefix_ids.numel()
     with torch.inference_mode():
-        cache = DynamicCache()
-        decoder(input_ids=to(prefix_ids), attention_mask=to(prefix_mask), past_key_values=cache, use_cache=True,
-                position_ids=to((prefix_mask.cumsum(dim=1) - 1).clamp(min=0)))
-        for c, chunk in enumerate(chunks):
-            width_s = members[chunk[0]].n_scored
-            suffix_ids = torch.full((len(chunk), width_s), pad_token_id, dtype=torch.long)   # [C, S] right-padded
-            suffix_mask = torch.zeros_like(suffix_ids)
-            rows, cols, targets = [], [], []
-            for j, b in enumerate(chunk):
-                r = members[b]
-                suffix_ids[j, :r.n_scored] = torch.tensor(r.tokens[_prefix_length(r):r.input_length])
-                suffix_mask[j, :r.n_scored] = 1
-                rows.extend([j] * r.n_scored)
-                cols.extend(range(r.n_scored))
-                targets.extend(r.tokens[-r.n_scored:])
-            own = owner[chunk]
-            chunk_cache = cache if c == len(chunks) - 1 else copy.deepcopy(cache)
-            chunk_cache.reorder_cache(to(own))                                          # [G, ...] -> [C, ...]
-            hidden = decoder(input_ids=to(suffix_ids), attention_mask=to(torch.cat([prefix_mask[own], suffix_mask], 1)),
-                             position_ids=to(prefix_lengths[own][:, None] + torch.arange(width_s)[None]),
-                             past_key_values=chunk_cache, use_cache=True).last_hidden_state   # [C, S, H]
-            rows_t, cols_t = torch.tensor(rows), torch.tensor(cols)
-            lp, gr = _token_logprobs(hidden[to(rows_t), to(cols_t)], head, to(torch.tensor(targets)))
-            for b, part_lp, part_gr in zip(chunk, *_split_parts(lp, gr, None, [members[b].n_scored for b in chunk])[:2]):
-                lp_all[b], gr_all[b] = part_lp, part_gr
-            cells.append((chunk, suffix_mask, rows_t, cols_t))
-            padded += suffix_ids.numel()
+        hidden = decoder(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                         position_ids=position_ids.to(device), use_cache=False).last_hidden_state   # [B, W, H]
+        lp, gr = _token_logprobs(hidden.reshape(-1, hidden.shape[-1])[flat_cols.to(device)], head,
+                                 torch.tensor(targets, device=device))
 
-    ex_parts = ex_all = None
+    members = [r for group in groups for r in group]
+    ex = ex_all = None
     if recorder is not None:
-        counts = torch.as_tensor(recorder.counts()).long()                    # [L, n_prefix + n_chunk_1 + ...]
+        counts = torch.as_tensor(recorder.counts()).long()          # [L, B*W]: a 4-D mask marks no padding
         if counts.numel():
-            ex_parts = [None] * len(members)
-            start = int(prefix_mask.sum())                                    # steps in order: prefixes, chunks
-            for chunk, suffix_mask, rows_t, cols_t in cells:
-                n_real = int(suffix_mask.sum())
-                grid = torch.full((counts.shape[0], suffix_mask.numel()), -1, dtype=torch.long)
-                grid[:, suffix_mask.bool().reshape(-1)] = counts[:, start:start + n_real]
-                ex = grid.reshape(counts.shape[0], *suffix_mask.shape)[:, rows_t, cols_t].T.numpy()   # [N_c, L]
-                for b, part in zip(chunk, np.split(ex, np.cumsum([members[b].n_scored for b in chunk])[:-1])):
-                    ex_parts[b] = part
-                start += n_real
-            ex_all = counts.clamp(min=0).sum(dim=1).double().numpy()                    # [L]
-    return lp_all, gr_all, ex_parts, ex_all, padded
+            real = (segments >= 0).reshape(-1)                                              # [B*W]
+            ex = counts[:, flat_cols].T.numpy()                                             # [N, L]
+            ex_all = counts[:, real].sum(dim=1).double().numpy()                            # [L]
+    return (*_split_parts(lp, gr, ex, [r.n_scored for r in members]), ex_all, input_ids.numel())
 
 
 def as_recorder(routing):
@@ -829,7 +805,7 @@ def load_docs(task: str, n: int | None = None, seed: int | None = None, source: 
 def evaluate(model, tokenizer, task: str, *, n: int | None = None, seed: int | None = None,
              source: str = "auto", docs: Sequence[Mapping[str, Any]] | None = None,
              max_length: int | None = None, stride: int | None = None, batch_size: int | str = "auto",
-             max_batch_tokens: int | None = None, padding_side: str = "right", share_prefix: bool | str = "auto",
+             max_batch_tokens: int | None = None, padding_side: str = "right", share_prefix: bool = True,
              recorder=None, model_id: str | None = None, routing_config: Any = None,
              backend: str = "native", progress: bool = False) -> EvalResult:
     """Evaluate `model` (patched or not) on one task; see the module docstring for definitions.

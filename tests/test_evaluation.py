@@ -202,12 +202,13 @@ def test_padding_side_batch_composition_and_prefix_sharing_do_not_change_scores(
     requests = _requests("hellaswag", tokenizer, 6) + _requests("lambada", tokenizer, 6)
     reference = ev.score_requests(model, requests, batch_size=1, share_prefix=False)
     assert reference.stats["padding_fraction"] == 0
-    for kwargs in ({"padding_side": "right", "batch_size": 5}, {"padding_side": "left", "batch_size": 5},
-                   {"padding_side": "left", "max_batch_tokens": 10_000}, {"batch_size": 3},
-                   {"batch_size": 5, "share_prefix": True}, {"batch_size": 1, "share_prefix": True}):
+    unshared = {"share_prefix": False}
+    for kwargs in ({"padding_side": "right", "batch_size": 5, **unshared}, {"padding_side": "left", "batch_size": 5, **unshared},
+                   {"padding_side": "left", "max_batch_tokens": 10_000, **unshared}, {"batch_size": 3, **unshared},
+                   {"batch_size": 5}, {"batch_size": 1}, {"max_batch_tokens": 150}):
         scores = ev.score_requests(model, requests, pad_token_id=tokenizer.pad_token_id, **kwargs)
         assert scores.stats["padding_fraction"] > 0 or kwargs.get("batch_size") == 1, kwargs
-        assert scores.stats["shared_prefix_groups"] == (6 if kwargs.get("share_prefix") else 0)   # "auto": GPU only
+        assert scores.stats["shared_prefix_groups"] == (0 if kwargs.get("share_prefix") is False else 6)   # default: shared
         np.testing.assert_allclose(scores.logprobs, reference.logprobs, rtol=0, atol=TOL, err_msg=str(kwargs))
         assert np.array_equal(scores.greedy, reference.greedy)
     # a request scored among other requests, or with a different pad token, scores the same
@@ -269,8 +270,8 @@ def test_routing_statistics_exclude_padding(tiny):
     assert native.token_experts.shape == (len(native.token_logprobs), 2) and (native.token_experts == 8).all()
     assert native.config["routing_config"]["routers"] == {"all": {"strategy": "topk", "k": 8}}
 
-    # variable k: padded batches (one sequence per ending, or endings sharing their context's KV
-    # cache) give exactly the counts of unpadded one-by-one passes
+    # variable k: padded batches (one sequence per ending, or endings packed with their shared
+    # context) give exactly the counts of unpadded one-by-one passes
     config = {"strategy": "bh", "alpha": 0.2, "pvalues": "zscore", "max_k": 8}
     with RoutingPatch(model, config, verbose=False) as patch:
         single = ev.evaluate(model, tokenizer, "hellaswag", docs=docs, recorder=patch.recorder, batch_size=1,
