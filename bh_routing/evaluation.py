@@ -335,6 +335,12 @@ def _split_head(model):
     return decoder, head
 
 
+def _takes_custom_4d_mask(model) -> bool:
+    """Eager and SDPA attention apply a custom 4-D mask as given; flash-attention kernels take only
+    padding masks (they would ignore the packing), so packed shared prefixes are off there."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", "eager") in ("eager", "sdpa")
+
+
 def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -389,7 +395,8 @@ def score_requests(model, requests: Sequence[Request], *, batch_size: int | str 
     padding_side: "right" or "left"; scores do not depend on it (positions come from the mask).
     share_prefix: requests whose unscored inputs are identical (HellaSwag's 4 endings) run that
         prefix once, packed in one row with their scored parts (`_score_shared_batch`): same scores,
-        about half the tokens. Needs a model that accepts a 4-D attention mask (HF decoders do).
+        about half the tokens. Used where the attention applies a custom 4-D mask (eager, SDPA);
+        ignored with flash-attention.
     recorder: a `bh_routing.recording` recorder attached to `model` (optional): the experts used
         at each scored position, and summed over every non-padding position computed, are returned.
     """
@@ -407,7 +414,8 @@ def score_requests(model, requests: Sequence[Request], *, batch_size: int | str 
     # Either is one row of `cost` tokens. Length bucketing: longest first (an OOM happens at once,
     # and the padded length of a batch is that of its first unit); ties in request order, so runs
     # are reproducible.
-    groups = _shared_prefix_groups(requests) if share_prefix and split is not None else []
+    packable = split is not None and _takes_custom_4d_mask(model)
+    groups = _shared_prefix_groups(requests) if share_prefix and packable else []
     grouped = {i for group in groups for i in group}
     units = [[i] for i in range(len(requests)) if i not in grouped] + groups
     cost = [_unit_tokens(requests, unit) for unit in units]
