@@ -365,6 +365,10 @@ def auto_batch_tokens(model, max_length: int) -> int:
 
 
 _LOGIT_CHUNK_BYTES = 64 * 2 ** 20   # float32 logits of one chunk of scored positions (~330 x 50k vocab)
+# On a CPU a chunk that stays in cache is scored 2.4x faster (tiny model, 2048 positions: 12 ms in
+# 4 MiB chunks vs 29 ms in 64 MiB ones); at least 256 rows, so a large vocabulary's projection
+# weights are still read once per 256 positions.
+_CPU_LOGIT_CHUNK_BYTES, _CPU_MIN_CHUNK_ROWS = 4 * 2 ** 20, 256
 _MIN_LENGTH_RATIO = 0.8             # a batch holds sequences of at least 80 % of its longest's length
 
 
@@ -373,7 +377,10 @@ def _token_logprobs(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.T
     """hidden [N, H] (or logits [N, V] when head is None), targets [N] -> (logprob [N] float32,
     greedy [N] bool). The log-softmax is in float32 and in chunks, so [N, V] never exists at once."""
     vocab = head.weight.shape[0] if head is not None and hasattr(head, "weight") else hidden.shape[-1]
-    chunk = max(1, _LOGIT_CHUNK_BYTES // (4 * vocab))
+    if hidden.device.type == "cpu":
+        chunk = max(_CPU_MIN_CHUNK_ROWS, _CPU_LOGIT_CHUNK_BYTES // (4 * vocab))
+    else:
+        chunk = max(1, _LOGIT_CHUNK_BYTES // (4 * vocab))
     logprobs, greedy = [], []
     for start in range(0, hidden.shape[0], chunk):
         h, t = hidden[start:start + chunk], targets[start:start + chunk]
