@@ -589,36 +589,34 @@ def _score_shared_batch(model, split, groups: Sequence[Sequence[Request]], devic
     every part scores exactly as its own sequence would; the prefix runs once and there is one
     forward pass per batch (no KV cache to copy). Returns what `_score_batch` does."""
     decoder, head = split
-    rows = []   # per group: token ids, segment per token (0 prefix, j member j), positions
-    for group in groups:
+    # rows: per group (token ids, segment per token: 0 prefix / j member j, positions);
+    # cols: per member (row, first column, length of its scored part)
+    rows, cols, targets = [], [], []
+    for b, group in enumerate(groups):
         prefix_length = _prefix_length(group[0])
         ids, segment, position = list(group[0].tokens[:prefix_length]), [0] * prefix_length, list(range(prefix_length))
         for j, r in enumerate(group, start=1):
+            cols.append((b, len(ids), r.n_scored))
             ids += r.tokens[prefix_length:r.input_length]
             segment += [j] * r.n_scored
             position += range(prefix_length, prefix_length + r.n_scored)
+            targets.extend(r.tokens[-r.n_scored:])
         rows.append((ids, segment, position))
     width = max(len(ids) for ids, _, _ in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)            # [B, W]
     segments = torch.full((len(rows), width), -1, dtype=torch.long)                        # [B, W], -1 padding
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)                        # [B, W]
-    cols, targets = [], []
-    for b, ((ids, segment, position), group) in enumerate(zip(rows, groups)):
+    for b, (ids, segment, position) in enumerate(rows):
         input_ids[b, :len(ids)] = torch.tensor(ids)
         segments[b, :len(ids)] = torch.tensor(segment)
         position_ids[b, :len(ids)] = torch.tensor(position)
-        start = _prefix_length(group[0])
-        for r in group:
-            cols.append(torch.arange(start, start + r.n_scored) + b * width)
-            targets.extend(r.tokens[-r.n_scored:])
-            start += r.n_scored
+    flat_cols = torch.cat([torch.arange(n) + b * width + start for b, start, n in cols])  # [N] in B*W
     query, key = segments[:, :, None], segments[:, None, :]                                 # [B, W, 1], [B, 1, W]
     sees = ((key == 0) & (query >= 0)) | (key == query)
     sees &= torch.ones(width, width, dtype=torch.bool).tril()                              # causal
     sees |= torch.eye(width, dtype=torch.bool)             # padding sees itself: no all-masked row (NaN)
     dtype = next(model.parameters()).dtype
     mask = torch.zeros(sees.shape, dtype=dtype).masked_fill_(~sees, torch.finfo(dtype).min)[:, None]  # [B, 1, W, W]
-    flat_cols = torch.cat(cols)                                                             # [N] in B*W
 
     if recorder is not None:
         recorder.clear()

@@ -180,11 +180,11 @@ class TailTable:
     def pvalues(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Entries of ``x`` [T, N] float32 with p <= cutoff: (tokens [E], experts [E], p [E]), row-major."""
         tokens, experts = (x > self.thresholds).nonzero(as_tuple=True)
-        null = experts if self.counts.numel() > 1 else torch.zeros_like(experts)  # [E] row of the table
-        query = (null << 32) + monotone_key(x[tokens, experts])
-        found = torch.searchsorted(self.keys, query, side="left") - null * self.width
-        n = self.counts[null]
-        below = self.start[null] + found  # #{null < x}
+        row = experts if self.counts.numel() > 1 else torch.zeros_like(experts)  # [E] row of the table
+        query = (row << 32) + monotone_key(x[tokens, experts])
+        found = torch.searchsorted(self.keys, query, side="left") - row * self.width
+        n = self.counts[row]
+        below = self.start[row] + found  # #{null < x}
         return tokens, experts, (n - below + 1).float() / (n + 1).float()
 
 

@@ -176,17 +176,18 @@ def _critical_rounded_down(critical: torch.Tensor, dtype: torch.dtype, device) -
 
 
 def tail_stepup(tokens: torch.Tensor, experts: torch.Tensor, tail_p: torch.Tensor, logits: torch.Tensor,
-                critical: torch.Tensor, min_k: int, max_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+                critical_lo: torch.Tensor, min_k: int, max_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(order [T, max_k], counts [T]) of the step-up procedure from the p-values <= c_N alone.
 
-    ``tokens, experts, tail_p`` [E] (row-major) are the entries with p <= c_N (``PValueModel.tail``),
+    ``critical_lo`` [N]: the critical values rounded down to float32 (``_critical_rounded_down``),
+    on the logits' device. ``tokens, experts, tail_p`` [E] (row-major) are the entries with
+    p <= c_N (``PValueModel.tail``),
     a few per token; every other p-value is treated as 1. Order: those entries by p, ties to the
     larger logit, then the lower expert index; then the remaining experts by logit (the ``min_k``
     floor). Counts: k* clamped to [min_k, max_k]. Same result as ``clamped_stepup`` on the dense
     p-values with the others set to 1, without building or sorting a [T, N] key.
     """
-    num_tokens, num_experts = logits.shape
-    device = logits.device
+    num_tokens, device = logits.shape[0], logits.device
     per_token = torch.bincount(tokens, minlength=num_tokens)  # [T] tail entries per token
     width = int(per_token.max()) if tokens.numel() else 0
     order = torch.full((num_tokens, max_k), PAD_INDEX, device=device)  # [T, max_k]
@@ -201,8 +202,7 @@ def tail_stepup(tokens: torch.Tensor, experts: torch.Tensor, tail_p: torch.Tenso
         expert_of[tokens, column] = experts
         order[:, :width] = expert_of.gather(1, by_key.indices[:, :max_k])
         # p <= c_k  <=>  key <= (bits of c_k rounded down, any tiebreak); padding keys never are
-        c_lo = _critical_rounded_down(critical, torch.float32, device)[:width]
-        bound = (c_lo.view(torch.int32).long() << 32) | (2**32 - 1)
+        bound = (critical_lo[:width].view(torch.int32).long() << 32) | (2**32 - 1)
         ks = torch.arange(1, width + 1, device=device)
         rejections = torch.where(by_key.values <= bound, ks, 0).amax(dim=1)
     short = (per_token < min_k).nonzero().squeeze(1)  # tokens the floor fills beyond their tail entries
@@ -381,11 +381,11 @@ def _stepup(procedure):
             key = (logits.shape[1], logits.device)
             if key not in tables:
                 critical = stepup_critical_values(logits.shape[1], alpha, procedure)
-                cutoff = float(_critical_rounded_down(critical, torch.float32, "cpu")[-1])
-                tables[key] = critical, cutoff
-            critical, cutoff = tables[key]
+                critical_lo = _critical_rounded_down(critical, torch.float32, logits.device)  # [N]
+                tables[key] = critical_lo, float(critical_lo[-1])
+            critical_lo, cutoff = tables[key]
             tokens, experts, p = pvalue_model.tail(logits, layer, cutoff)  # [E] entries with p <= cutoff
-            return tail_stepup(tokens, experts, p, logits, critical, min_k, max_k)
+            return tail_stepup(tokens, experts, p, logits, critical_lo, min_k, max_k)
         return select
     return make
 
