@@ -100,7 +100,9 @@ def encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
         idx = [i for i, text in enumerate(texts) if text.startswith(prefix_text) == skip]
         if idx:
             kwargs = {"add_special_tokens": False} if skip else {}
-            for i, ids in zip(idx, tokenizer([texts[i] for i in idx], **kwargs)["input_ids"]):
+            # verbose=False: whole documents are longer than the model's context on purpose (they
+            # are cut into windows afterwards); the tokenizer's length warning would mislead
+            for i, ids in zip(idx, tokenizer([texts[i] for i in idx], verbose=False, **kwargs)["input_ids"]):
                 out[i] = list(ids)
     return out
 

@@ -208,7 +208,7 @@ def calibration_windows(tokenizer, window: int = 512, max_tokens: int = 32768) -
     """Token windows [1, S] of the held-out WikiText-2 calibration articles."""
     from .data import load_wikitext_documents
     documents = load_wikitext_documents().records[-CALIBRATION_DOCS:]
-    ids = tokenizer("".join(d["page"] for d in documents))["input_ids"][:max_tokens]
+    ids = tokenizer("".join(d["page"] for d in documents), verbose=False)["input_ids"][:max_tokens]   # windowed below
     return [torch.tensor(ids[i:i + window])[None] for i in range(0, len(ids), window)]
 
 

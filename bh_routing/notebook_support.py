@@ -419,7 +419,7 @@ def record_native_routing(model, tokenizer, texts: Mapping[str, Sequence[str]], 
     for name, items in texts.items():
         budget = max_tokens_per_source
         for text in items:
-            ids = tokenizer(text)["input_ids"]
+            ids = tokenizer(text, verbose=False)["input_ids"]   # windowed below
             for start in range(0, len(ids), max_length):
                 piece = ids[start:start + max_length]
                 if budget is not None:
