@@ -1,4 +1,4 @@
-"""Evaluator throughput against the naive per-item loop, on the same requests, one run each.
+"""Evaluator throughput against the naive per-item loop, on the same requests, with the bound this machine sets.
 
     python bench/bench_eval.py                       # bundled tiny model (tiny random OLMoE if absent), CPU
     python bench/bench_eval.py --model allenai/OLMoE-1B-7B-0924 --device cuda --hellaswag 200
@@ -10,7 +10,8 @@ endings packed with their shared context (also timed without, for the record). B
 the same tokens; the script checks that they agree (max |delta log-prob|) before reporting tokens/s
 (the requests' input tokens per second of scoring, the same count for every method; tokenisation,
 shared by both, is reported separately). With
---repeats R the two alternate R times and each one's fastest run is reported (shared machines).
+--repeats R every measurement (evaluator, naive loop, and the decoder and scoring rates of the
+speedup bound) runs once per round, R interleaved rounds, and each reports its fastest round.
 Writes bench/results/eval_<device>.json.
 """
 from __future__ import annotations
@@ -53,10 +54,11 @@ def load(name: str, device: str, max_length: int):
     return model, tokenizer, name
 
 
-FORWARD_SHAPES = ((1, 64), (1, 128), (1, 1024), (32, 64), (16, 128), (2, 1024), (4, 1024), (8, 1024))
+FORWARD_SHAPES = ((1, 64), (1, 128), (1, 1024), (32, 64), (64, 64), (128, 64), (16, 128), (32, 128), (64, 128),
+                  (2, 1024), (4, 1024), (8, 1024))
 
 
-def forward_throughput(model, device: str, repeats: int) -> list[dict]:
+def forward_throughput(model, device: str) -> list[dict]:
     """Tokens/s of the bare decoder (no vocabulary projection) on random ids, by batch shape: with
     `scoring_throughput`, the machine's ceiling for any evaluator of this model."""
     decoder, vocab = model.get_decoder(), model.config.vocab_size
@@ -64,32 +66,27 @@ def forward_throughput(model, device: str, repeats: int) -> list[dict]:
     rows = []
     for batch, length in FORWARD_SHAPES:
         ids = torch.randint(vocab, (batch, length), generator=generator).to(device)
-        seconds = []
         with torch.inference_mode():
-            for _ in range(repeats + 1):   # the first is a warm-up
-                started = time.perf_counter()
-                decoder(input_ids=ids, use_cache=False)
-                seconds.append(time.perf_counter() - started)
-        best = min(seconds[1:])
-        rows.append({"batch": batch, "length": length, "seconds": best, "tokens_per_s": batch * length / best})
-        print(f"forward   [{batch:2d} x {length:4d}] {batch * length / best:9.0f} tok/s", flush=True)
+            decoder(input_ids=ids, use_cache=False)    # warm-up
+            started = time.perf_counter()
+            decoder(input_ids=ids, use_cache=False)
+            seconds = time.perf_counter() - started
+        rows.append({"batch": batch, "length": length, "seconds": seconds, "tokens_per_s": batch * length / seconds})
     return rows
 
 
-def scoring_throughput(model, device: str, repeats: int, positions: int = 2048) -> float:
+def scoring_throughput(model, device: str, positions: int = 2048) -> float:
     """Scored positions/s of the vocabulary projection + float32 log-softmax (what every scored
     token costs on top of the decoder, for the evaluator and the naive loop alike)."""
     head = model.get_output_embeddings()
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(positions, head.weight.shape[1], generator=generator).to(device, head.weight.dtype)
     targets = torch.randint(head.weight.shape[0], (positions,), generator=generator).to(device)
-    seconds = []
     with torch.inference_mode():
-        for _ in range(repeats + 1):   # the first is a warm-up
-            started = time.perf_counter()
-            ev._token_logprobs(hidden, head, targets)
-            seconds.append(time.perf_counter() - started)
-    return positions / min(seconds[1:])
+        ev._token_logprobs(hidden, head, targets)      # warm-up
+        started = time.perf_counter()
+        ev._token_logprobs(hidden, head, targets)
+        return positions / (time.perf_counter() - started)
 
 
 def main(argv=None) -> None:
@@ -114,23 +111,33 @@ def main(argv=None) -> None:
                "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else None,
                "load_average_before": os.getloadavg()}
-    rows = []
+    tasks = []   # (task, items, requests, tokenize_s)
     for task, n in (("hellaswag", args.hellaswag), ("lambada", args.lambada), ("wikitext", args.wikitext)):
-        if n <= 0:
-            continue
-        docs = ev.load_docs(task, n=n, source="bundled")[0]
-        started = time.perf_counter()
-        requests = ev.TASKS[task].build_requests(docs, tokenizer, max_length, None)
-        tokenize_s = time.perf_counter() - started
-        ev.score_requests(model, requests[:4], pad_token_id=pad)                         # warm-up
-        # alternate the two, keep each one's fastest run: on a shared machine the minimum is the
-        # run least disturbed by other processes
-        runs = [(ev.score_requests(model, requests, pad_token_id=pad), ev.score_naive(model, requests),
-                 ev.score_requests(model, requests, pad_token_id=pad, share_prefix=False) if task == "hellaswag" else None)
-                for _ in range(args.repeats)]
-        fast = min((run[0] for run in runs), key=lambda s: s.stats["seconds"])
-        naive = min((run[1] for run in runs), key=lambda s: s.stats["seconds"])
-        unshared = min((run[2] for run in runs), key=lambda s: s.stats["seconds"]) if task == "hellaswag" else None
+        if n > 0:
+            docs = ev.load_docs(task, n=n, source="bundled")[0]
+            started = time.perf_counter()
+            requests = ev.TASKS[task].build_requests(docs, tokenizer, max_length, None)
+            tasks.append((task, n, requests, time.perf_counter() - started))
+            ev.score_requests(model, requests[:4], pad_token_id=pad)                     # warm-up
+
+    # Rounds: each runs every method of every task once, then the decoder and scoring rates of the
+    # bound. Each figure keeps its fastest round: on a shared machine the minimum is the run least
+    # disturbed by other processes, and interleaving puts all of them under the same conditions.
+    runs = {task: [] for task, *_ in tasks}
+    forward_rounds, scoring_rates = [], []
+    for _ in range(args.repeats):
+        for task, _, requests, _ in tasks:
+            runs[task].append((ev.score_requests(model, requests, pad_token_id=pad), ev.score_naive(model, requests),
+                               ev.score_requests(model, requests, pad_token_id=pad, share_prefix=False)
+                               if task == "hellaswag" else None))
+        forward_rounds.append(forward_throughput(model, args.device))
+        scoring_rates.append(scoring_throughput(model, args.device))
+
+    rows = []
+    for task, n, requests, tokenize_s in tasks:
+        fast = min((run[0] for run in runs[task]), key=lambda s: s.stats["seconds"])
+        naive = min((run[1] for run in runs[task]), key=lambda s: s.stats["seconds"])
+        unshared = min((run[2] for run in runs[task]), key=lambda s: s.stats["seconds"]) if task == "hellaswag" else None
         delta = float(np.abs(fast.logprobs - naive.logprobs).max())
         row = {"task": task, "items": n, "requests": len(requests), "max_length": max_length,
                "input_tokens": fast.stats["input_tokens"], "computed_tokens": fast.stats["computed_tokens"],
@@ -162,9 +169,11 @@ def main(argv=None) -> None:
                   f"max|d| {other['max_abs_delta_logprob']:.1e}", flush=True)
     # The speedup no evaluator could beat on this machine: the tokens it must compute at the
     # decoder's best rate (any batch shape), plus the scored tokens' vocabulary projection.
-    forward = forward_throughput(model, args.device, max(args.repeats, 3))
+    forward = [max(shape_rounds, key=lambda f: f["tokens_per_s"]) for shape_rounds in zip(*forward_rounds)]
+    for f in forward:
+        print(f"forward   [{f['batch']:3d} x {f['length']:4d}] {f['tokens_per_s']:9.0f} tok/s")
     best_rate = max(f["tokens_per_s"] for f in forward)
-    scoring_rate = scoring_throughput(model, args.device, max(args.repeats, 3))
+    scoring_rate = max(scoring_rates)
     print(f"scoring   {scoring_rate:9.0f} scored tokens/s (vocabulary projection + log-softmax)")
     for row in rows:
         row["floor_s"] = row["computed_tokens"] / best_rate + row["scored_tokens"] / scoring_rate

@@ -169,6 +169,11 @@ def available_memory(device: str | torch.device) -> int:
 # Memory plan (pure arithmetic)
 # --------------------------------------------------------------------------------------------------
 
+def _count(n: int) -> str:
+    """6919161856 -> '6.92 B', 2590208 -> '2.59 M'."""
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     """What fits: weights, then how many tokens (batch x length) of KV cache and activations.
@@ -217,7 +222,7 @@ class MemoryPlan:
     def summary(self) -> str:
         dtype = str(self.dtype).replace("torch.", "")
         lines = [
-            f"{self.n_params / 1e9:.2f} B parameters ({self.n_active_params / 1e9:.2f} B active per token); "
+            f"{_count(self.n_params)} parameters ({_count(self.n_active_params)} active per token); "
             f"{dtype} weights {self.weight_bytes / GIB:.2f} GiB; free {self.memory_bytes / GIB:.2f} GiB, "
             f"reserve {self.reserve_bytes / GIB:.2f} GiB.",
             f"Per token: KV cache {self.kv_bytes_per_token / 1024:.0f} KiB, activations "
