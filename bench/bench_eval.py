@@ -89,6 +89,11 @@ def scoring_throughput(model, device: str, positions: int = 2048) -> float:
         return positions / (time.perf_counter() - started)
 
 
+def fastest(scores):
+    """The run least disturbed by other processes on a shared machine."""
+    return min(scores, key=lambda s: s.stats["seconds"])
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny")
@@ -96,7 +101,7 @@ def main(argv=None) -> None:
     parser.add_argument("--hellaswag", type=int, default=50, help="items (4 requests each)")
     parser.add_argument("--lambada", type=int, default=100, help="items")
     parser.add_argument("--wikitext", type=int, default=2, help="articles")
-    parser.add_argument("--repeats", type=int, default=1, help="runs of each; the fastest is reported")
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds; each figure keeps its fastest")
     parser.add_argument("--max-length", type=int, default=None, help="default: the model's context length")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", default=None)
@@ -121,8 +126,7 @@ def main(argv=None) -> None:
             ev.score_requests(model, requests[:4], pad_token_id=pad)                     # warm-up
 
     # Rounds: each runs every method of every task once, then the decoder and scoring rates of the
-    # bound. Each figure keeps its fastest round: on a shared machine the minimum is the run least
-    # disturbed by other processes, and interleaving puts all of them under the same conditions.
+    # bound. Each figure keeps its fastest round; interleaving puts all of them under the same conditions.
     runs = {task: [] for task, *_ in tasks}
     forward_rounds, scoring_rates = [], []
     for _ in range(args.repeats):
@@ -135,9 +139,8 @@ def main(argv=None) -> None:
 
     rows = []
     for task, n, requests, tokenize_s in tasks:
-        fast = min((run[0] for run in runs[task]), key=lambda s: s.stats["seconds"])
-        naive = min((run[1] for run in runs[task]), key=lambda s: s.stats["seconds"])
-        unshared = min((run[2] for run in runs[task]), key=lambda s: s.stats["seconds"]) if task == "hellaswag" else None
+        fast, naive = (fastest(run[i] for run in runs[task]) for i in (0, 1))
+        unshared = fastest(run[2] for run in runs[task]) if task == "hellaswag" else None
         delta = float(np.abs(fast.logprobs - naive.logprobs).max())
         row = {"task": task, "items": n, "requests": len(requests), "max_length": max_length,
                "input_tokens": fast.stats["input_tokens"], "computed_tokens": fast.stats["computed_tokens"],
