@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Run the patching / recording tests (the cheap selection tests, and the evaluator's batching tests)
-# under another transformers version, in a throw-away venv that reuses the system torch (never downloads torch):
+# under another transformers version, in a throw-away venv with the same torch as $PYTHON's:
 #
 #   .ci/compat.sh 4.46.*        # oldest supported
 #   .ci/compat.sh 4.57.*        # newest 4.x
 #   .ci/compat.sh 5.0.0         # any 5.x
 #
 # The venv lives in ${COMPAT_VENV_ROOT:-/tmp}/bh-routing-tf-<version> and is reused by later runs
-# (delete it to start afresh). Extra arguments go to pytest.
+# (delete it to start afresh; CI gives each run a new root). Extra arguments go to pytest.
 set -euo pipefail
 
 VERSION="${1:?usage: .ci/compat.sh TRANSFORMERS_VERSION [pytest args] (e.g. 4.46.* or 4.57.*)}"
@@ -17,21 +17,19 @@ PYTHON="${PYTHON:-python3}"
 VENV="${COMPAT_VENV_ROOT:-/tmp}/bh-routing-tf-${VERSION//[^0-9A-Za-z.]/_}"
 
 start=$(date +%s)
+# The torch of the environment that called us (the venv gets the same version, never a newer one).
+TORCH_VERSION="$("$PYTHON" -c 'import torch; print(torch.__version__.split("+")[0])')"
 if [ ! -x "$VENV/bin/python" ]; then
-  "$PYTHON" -m venv --system-site-packages "$VENV"
+  "$PYTHON" -m venv "$VENV"
 fi
-# The system torch is visible through --system-site-packages; pin it so pip never replaces it.
-TORCH_VERSION="$("$VENV/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])')"
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check \
-  "transformers==$VERSION" "torch==$TORCH_VERSION" 2>&1 | grep -v -e "^WARNING: Location" -e "dependency conflicts" \
-  -e "pip's dependency resolver" -e "requires .* but you have" || true
-# A failed install must not fall back silently to the system's transformers.
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==$TORCH_VERSION" \
+  -r "$ROOT/requirements_bh.txt" "transformers==$VERSION" pytest 2>&1 | grep -v -e "^WARNING: Location" || true
+# A failed install must not go unnoticed.
 "$VENV/bin/python" - "$VERSION" <<'PY'
 import fnmatch, sys, transformers
 if not fnmatch.fnmatch(transformers.__version__, sys.argv[1]):
     sys.exit(f"compat: wanted transformers {sys.argv[1]}, the venv has {transformers.__version__}")
 PY
-"$VENV/bin/python" -c "import pytest" 2>/dev/null || "$VENV/bin/python" -m pip install -q pytest
 
 TESTS=(tests/test_patching.py tests/test_recording.py)
 for cheap in tests/test_selection.py tests/test_pvalues.py; do

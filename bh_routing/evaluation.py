@@ -172,6 +172,7 @@ class Request:
     choice: int               # HellaSwag ending, WikiText window, else 0
     tokens: tuple[int, ...]
     n_scored: int
+    context_dropped: int = 0  # context tokens cut on the left to fit max_length (lm-eval does the same)
 
     @property
     def input_length(self) -> int:
@@ -182,8 +183,9 @@ def make_request(item: int, choice: int, context: Sequence[int], continuation: S
                  max_length: int) -> Request:
     if len(continuation) > max_length:
         raise ValueError(f"item {item}: continuation of {len(continuation)} tokens > max_length={max_length}")
-    tokens = (list(context) + list(continuation))[-(max_length + 1):]
-    return Request(item, choice, tuple(tokens), len(continuation))
+    whole = list(context) + list(continuation)
+    tokens = whole[-(max_length + 1):]
+    return Request(item, choice, tuple(tokens), len(continuation), len(whole) - len(tokens))
 
 
 # ==================================================================================================
@@ -897,7 +899,10 @@ def evaluate(model, tokenizer, task: str, *, n: int | None = None, seed: int | N
         per_token = scores.experts.mean(axis=1)
         item_of_token = table["item"].to_numpy()[token_request]
         items["experts_per_token"] = items["item"].map(pd.Series(per_token).groupby(item_of_token).mean())
-    config |= {"n_requests": len(requests), "tokenize_seconds": tokenize_seconds, "scoring": scores.stats}
+    # requests whose context was cut on the left to fit max_length: their scores condition on less text
+    truncated = sum(r.context_dropped > 0 for r in requests)
+    config |= {"n_requests": len(requests), "truncated_requests": truncated, "tokenize_seconds": tokenize_seconds,
+               "scoring": scores.stats}
     return EvalResult(task, metrics, items, table, scores.logprobs, token_ids, scores.greedy,
                       token_request, scores.experts, routing, config)
 

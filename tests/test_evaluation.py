@@ -20,9 +20,11 @@ import torch
 from bh_routing import data
 from bh_routing import evaluation as ev
 
-OLMOE_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizer" / \
-    "allenai_gpt-neox-olmo-dolma-v1_5.json"
 TINY_ASSET = Path(__file__).resolve().parents[1] / "bh_routing" / "assets" / "tiny-olmoe"
+# The real OLMoE tokenizer, where the project's shared data sits beside the checkout: only the test
+# parametrised on it reads it (and skips, saying so, without it); every other test uses the bundled one.
+OLMOE_TOKENIZER = Path(os.environ.get("BH_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data") \
+    / "tokenizer" / "allenai_gpt-neox-olmo-dolma-v1_5.json"
 TOL = 1e-5   # float32, batched vs unbatched
 
 try:
@@ -33,30 +35,36 @@ except ImportError:
 needs_lm_eval = pytest.mark.skipif(not HAVE_LM_EVAL, reason="lm-eval is not installed (pip install lm-eval)")
 
 
-def tiny_tokenizer():
-    """The real OLMoE tokenizer (eos <|endoftext|> = lm-eval's prefix token, pad <|padding|>), else
-    the bundled tiny model's."""
+def load_tokenizer(name: str = "bundled"):
+    """"bundled": the tiny model's tokenizer, shipped in the package (every test, every checkout);
+    "olmoe": the real OLMoE-1B-7B tokenizer from the shared data (eos <|endoftext|> = lm-eval's
+    prefix token, pad <|padding|>), skipped where that file is absent."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
-    if OLMOE_TOKENIZER.is_file():
-        return PreTrainedTokenizerFast(tokenizer_file=str(OLMOE_TOKENIZER), eos_token="<|endoftext|>",
-                                       pad_token="<|padding|>")
-    if (TINY_ASSET / "tokenizer.json").is_file() or (TINY_ASSET / "tokenizer_config.json").is_file():
+    if name == "bundled":
         return AutoTokenizer.from_pretrained(str(TINY_ASSET))
-    pytest.skip("no tokenizer: neither ../shared/data/tokenizer nor bh_routing/assets/tiny-olmoe is present")
+    if not OLMOE_TOKENIZER.is_file():
+        pytest.skip(f"the OLMoE tokenizer {OLMOE_TOKENIZER} is absent (set BH_SHARED_DATA to the shared data folder)")
+    return PreTrainedTokenizerFast(tokenizer_file=str(OLMOE_TOKENIZER), eos_token="<|endoftext|>",
+                                   pad_token="<|padding|>")
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    """(model, tokenizer): random OLMoE with the shape the brief asks for, context 128 tokens."""
+def random_olmoe(tokenizer):
+    """Random OLMoE with the shape the brief asks for (2 layers, 64 experts, top-8), context 128 tokens."""
     from transformers import AutoModelForCausalLM, OlmoeConfig
-    tokenizer = tiny_tokenizer()
     config = OlmoeConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=32, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4, num_experts=64, num_experts_per_tok=8,
                          max_position_embeddings=128, norm_topk_prob=False, tie_word_embeddings=False,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                          bos_token_id=None)
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).eval(), tokenizer
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(model, tokenizer): a random OLMoE and the bundled tokenizer, the same in every checkout."""
+    tokenizer = load_tokenizer("bundled")
+    return random_olmoe(tokenizer), tokenizer
 
 
 TOY_DOCS = [  # WikiText-style raw pages: the detokenizer and the word/byte counts all have work to do
@@ -129,9 +137,19 @@ def test_rolling_windows_tile_the_tokens_and_respect_max_length():
         ev.rolling_windows(tokens, 0, 8, 9)
 
 
-def test_hellaswag_and_lambada_by_hand(tiny):
-    """acc / acc_norm / LAMBADA acc and perplexity recomputed from unbatched full-logit passes."""
-    model, tokenizer = tiny
+def lm_eval_input(context: list[int], continuation: list[int], max_length: int) -> list[int]:
+    """What lm-eval's HFLM feeds the model for one (context, continuation) request: the whole encoding,
+    cut on the left to max_length + 1 tokens (the model reads all but the last)."""
+    return (context + continuation)[-(max_length + 1):]
+
+
+@pytest.mark.parametrize("tokenizer_name", ["bundled", "olmoe"])
+def test_hellaswag_and_lambada_by_hand(tokenizer_name):
+    """acc / acc_norm / LAMBADA acc and perplexity recomputed from unbatched full-logit passes, at the
+    model's context (128) and at a context short enough that every tokenizer must truncate: a hand
+    computation that forgets lm-eval's left truncation (or an evaluator that truncates wrongly) fails."""
+    tokenizer = load_tokenizer(tokenizer_name)
+    model = random_olmoe(tokenizer)
     docs = data.load_hellaswag(source="bundled", n=6).records
     result = ev.evaluate(model, tokenizer, "hellaswag", docs=docs)
     accs, norms = [], []
@@ -141,6 +159,7 @@ def test_hellaswag_and_lambada_by_hand(tiny):
         lls = []
         for choice in choices:
             whole = tokenizer(query + " " + choice)["input_ids"]
+            assert len(whole) <= 129, "HellaSwag items fit the model's context: no truncation here"
             lls.append(full_sequence_logprobs(model, whole)[len(context) - 1:].sum())
         accs.append(np.argmax(lls) == gold)
         norms.append(np.argmax(np.array(lls) / [len(c) for c in choices]) == gold)
@@ -148,19 +167,26 @@ def test_hellaswag_and_lambada_by_hand(tiny):
     assert result.metrics["acc_norm"] == pytest.approx(np.mean(norms))
 
     docs = data.load_lambada(source="bundled", n=6).records
-    result = ev.evaluate(model, tokenizer, "lambada", docs=docs)
-    lls, hits = [], []
-    for doc in docs:
-        context_text, target = data.lambada_context_target(doc)
-        context, whole = tokenizer(context_text)["input_ids"], tokenizer(context_text + target)["input_ids"]
-        with torch.no_grad():
-            logits = model(torch.tensor([whole])).logits[0].double()
-        logp = torch.log_softmax(logits, -1)[len(context) - 1:-1]             # predicts whole[len(context):]
-        target_ids = torch.tensor(whole[len(context):])
-        lls.append(float(logp.gather(1, target_ids[:, None]).sum()))
-        hits.append(bool((logp.argmax(-1) == target_ids).all()))         # the whole word, every token
-    assert result.metrics["perplexity"] == pytest.approx(math.exp(-np.mean(lls)), rel=1e-5)
-    assert result.metrics["acc"] == pytest.approx(np.mean(hits))
+    for max_length in (128, 24):
+        result = ev.evaluate(model, tokenizer, "lambada", docs=docs, max_length=max_length)
+        lls, hits, truncated = [], [], 0
+        for doc in docs:
+            context_text, target = data.lambada_context_target(doc)
+            context, whole = tokenizer(context_text)["input_ids"], tokenizer(context_text + target)["input_ids"]
+            continuation = whole[len(context):]
+            tokens = lm_eval_input(context, continuation, max_length)
+            truncated += len(tokens) < len(whole)
+            scored = full_sequence_logprobs(model, tokens)[-len(continuation):]   # predicts the continuation
+            with torch.no_grad():
+                greedy = model(torch.tensor([tokens])).logits[0, -len(continuation) - 1:-1].argmax(-1)
+            lls.append(float(scored.sum()))
+            hits.append(bool((greedy == torch.tensor(continuation)).all()))      # the whole word, every token
+        assert result.config["truncated_requests"] == truncated
+        if max_length == 24:
+            assert truncated == len(docs)      # the short context truncates every passage, whatever the tokenizer
+        assert result.metrics["perplexity"] == pytest.approx(math.exp(-np.mean(lls)), rel=1e-5)
+        assert result.metrics["acc"] == pytest.approx(np.mean(hits))
+        np.testing.assert_allclose(result.items["logprob"], lls, rtol=1e-5)
     assert result.items["target"].tolist() == [" " + d["text"].split(" ")[-1] for d in docs]
 
 
@@ -286,7 +312,11 @@ def test_routing_statistics_exclude_padding(tiny):
         assert np.array_equal(other.token_experts, single.token_experts)
         assert other.routing["mean_experts_per_layer"] == pytest.approx(single.routing["mean_experts_per_layer"])
         np.testing.assert_allclose(other.token_logprobs, single.token_logprobs, rtol=0, atol=TOL)
-    assert padded.routing["all_positions"] == pytest.approx(single.routing["all_positions"])
+    # every non-padding position, counted once: the same tokens and the same experts per layer
+    padded_all, single_all = padded.routing["all_positions"], single.routing["all_positions"]
+    assert padded_all["tokens"] == single_all["tokens"]
+    np.testing.assert_allclose(padded_all["mean_experts_per_layer"], single_all["mean_experts_per_layer"], rtol=1e-12)
+    assert padded_all["mean_experts"] == pytest.approx(single_all["mean_experts"], rel=1e-12)
     # sharing computes each context once: fewer positions, counted once
     assert shared.routing["all_positions"]["tokens"] == shared.config["scoring"]["computed_tokens"] \
         < single.routing["all_positions"]["tokens"]

@@ -116,6 +116,7 @@ def test_killed_sweep_resumes_with_every_run_exactly_once(tmp_path):
 
 
 @needs_tiny
+@pytest.mark.slow   # the whole demo: `python -m pytest -q -m slow`
 def test_demo_command_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
     done = subprocess.run([sys.executable, "-m", "bh_routing", "demo", "--budget", "smoke", "--calibration-tokens",

@@ -5,14 +5,12 @@ the same max_length: HellaSwag acc/acc_norm, LAMBADA acc/perplexity and WikiText
 perplexity and bits per byte must equal `lm_eval.simple_evaluate`'s to 1e-4 relative, and so must
 every per-item log-likelihood. lm-eval runs at batch size 1 in float32 on the CPU.
 
-Model: the bundled tiny trained OLMoE when present, else a tiny random OLMoE with the real OLMoE
-tokenizer. Documents: BH_CROSSCHECK_N (default 20) HellaSwag and LAMBADA items and
+Model: the bundled tiny trained OLMoE (it ships with the package, so every checkout runs the same). Documents: BH_CROSSCHECK_N (default 20) HellaSwag and LAMBADA items and
 BH_CROSSCHECK_DOCS (default 6, ~23k tokens) WikiText articles.
 """
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -29,27 +27,13 @@ from bh_routing.lm_eval_tasks import TASK_DIR, TASK_NAMES  # noqa: E402
 N_ITEMS = int(os.environ.get("BH_CROSSCHECK_N", 20))
 N_DOCS = int(os.environ.get("BH_CROSSCHECK_DOCS", 6))
 REL = 1e-4
-OLMOE_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizer" / \
-    "allenai_gpt-neox-olmo-dolma-v1_5.json"
-TINY_ASSET = Path(__file__).resolve().parents[1] / "bh_routing" / "assets" / "tiny-olmoe"
 
 
 def _model_and_tokenizer():
-    from transformers import AutoModelForCausalLM, OlmoeConfig, PreTrainedTokenizerFast
-    if (TINY_ASSET / "config.json").is_file():
-        from bh_routing.models import load_model
-        model, tokenizer = load_model("tiny", device="cpu", dtype="float32", verbose=False)
-        return model, tokenizer, "tiny (bundled, trained)"
-    if not OLMOE_TOKENIZER.is_file():
-        pytest.skip("neither the bundled tiny model nor ../shared/data/tokenizer is present")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(OLMOE_TOKENIZER), eos_token="<|endoftext|>",
-                                        pad_token="<|padding|>")
-    config = OlmoeConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, num_experts=64, num_experts_per_tok=8,
-                         max_position_embeddings=128, norm_topk_prob=False, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).eval(), tokenizer, "tiny random OLMoE"
+    """The bundled tiny trained OLMoE: the same model in every checkout (it ships with the package)."""
+    from bh_routing.models import load_model
+    model, tokenizer = load_model("tiny", device="cpu", dtype="float32", verbose=False)
+    return model, tokenizer, "tiny (bundled, trained)"
 
 
 @pytest.fixture(scope="module")

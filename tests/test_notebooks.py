@@ -129,6 +129,7 @@ def results_root(tmp_path_factory):
     return tmp_path_factory.mktemp("notebook_results")
 
 
+@pytest.mark.slow   # minutes: `python -m pytest -q -m slow`
 @needs_tiny
 @needs_kernel
 @pytest.mark.parametrize("name", NAMES)
