@@ -77,7 +77,10 @@ def test_presets_cover_the_seed_grids():
     budget = ex.BUDGETS["colab"]
     deep = ex.bh_deep_dive(budget)
     assert len([r for r in deep if r.group.startswith("alpha/")]) == 8 * 4
-    assert sorted({r.routing["temperature"] for r in deep if r.group == "temperature"}) == [0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0]
+    softmax = [r.routing for r in deep if r.group == "temperature/softmax"]
+    assert {c["pvalues"] for c in softmax} == {"softmax"} and len({c["temperature"] for c in softmax}) == 5
+    weights = [r.routing for r in deep if r.group == "weights temperature"]
+    assert len({c["weights_temperature"] for c in weights}) == 5 and not any("temperature" in c for c in weights)
     assert len([r for r in deep if r.group == "alpha x max_k"]) == 12
     full = ex.full_experiments(budget)
     assert {r.task for r in full} == {"wikitext", "hellaswag", "lambada"}
