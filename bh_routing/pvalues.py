@@ -387,16 +387,21 @@ def _check_resolution(calibration: Calibration, model: str, alpha: float, proced
     best = float(torch.tensor(1.0) / torch.tensor(float(n + 1)))  # as upper_tail_pvalues computes it
     need = calibration_requirement(alpha, procedure, calibration.num_experts, calibration.top_k, model)
     have = f"p-value resolution: the calibration's {model} null has at most {n:,} samples, so its smallest p-value is {best:.3g}"
+    cap = "max_samples_per_expert" if model == "empirical" else "max_samples_pooled"
+
+    def how(samples, tokens):
+        return (f"calibrate on >= {tokens:,} tokens with {cap} >= {samples:,} (Calibration.from_router_logits; "
+                f"experiments.calibrate(size_for=configs) sets both)")
     if n < need.null_samples_any:
         raise ResolutionError(
             f"{have} > {procedure.upper()}'s largest critical value c_N = {need.critical_last:.3g} at alpha={alpha}: "
-            f"it can never select an expert (every token sits on the min_k floor). Calibrate on >= "
-            f"{need.tokens_any:,} tokens with >= {need.null_samples_any:,} null samples, or raise alpha. {need.describe()}.")
+            f"it can never select an expert (every token sits on the min_k floor). It needs >= "
+            f"{need.null_samples_any:,} null samples: {how(need.null_samples_any, need.tokens_any)}, or raise alpha.")
     if n < need.null_samples:
         warnings.warn(
             f"{have} > {procedure.upper()}'s smallest critical value c_1 = {need.critical_first:.3g} at alpha={alpha}: "
-            f"it cannot select a single expert on its own. Calibrate on >= {need.tokens:,} tokens with >= "
-            f"{need.null_samples:,} null samples for this alpha.", stacklevel=4)
+            f"it cannot select a single expert on its own. For that it needs >= {need.null_samples:,} null samples: "
+            f"{how(need.null_samples, need.tokens)}.", stacklevel=4)
 
 
 def build_pvalue_model(name: str, temperature: float = 1.0, calibration: Calibration | None = None,
