@@ -135,3 +135,12 @@ def test_demo_command_runs_end_to_end(tmp_path):
     native = [r for r in records if r["label"] == "native top-8" and r["task"] == "wikitext"][0]
     assert native["experts"]["mean_experts"] == 8.0
     assert summary["headline"][0]["native_top8"] == pytest.approx(native["metrics"]["word_perplexity"])
+
+
+def test_calibration_size_follows_the_smallest_critical_value_of_the_sweep():
+    from bh_routing.pvalues import calibration_requirement
+    configs = [{"strategy": "bh", "alpha": 0.05}, {"per_layer": {0: {"strategy": "by", "alpha": 0.02}}},
+               {"strategy": "bh", "pvalues": "zscore", "alpha": 1e-6}, {"strategy": "topk", "k": 8}]
+    need = calibration_requirement(0.02, "by", 64, 8, "empirical")
+    assert ex.calibration_size(configs, 64, 8) == (need.tokens, need.null_samples)
+    assert ex.calibration_size([{"strategy": "top_p", "p": 0.3}], 64, 8) == (0, 0)
