@@ -51,14 +51,15 @@ def _load(args):
     return model, tokenizer
 
 
-def _calibration(args, model, tokenizer):
+def _calibration(args, model, tokenizer, size_for=None):
     from .experiments import calibrate
     from .pvalues import Calibration
     if getattr(args, "calibration", None):
         _say(f"calibration: {args.calibration}")
         return Calibration.load(args.calibration), None
     started = time.time()
-    calibration, logits = calibrate(model, tokenizer, max_tokens=args.calibration_tokens, model_id=args.model)
+    calibration, logits = calibrate(model, tokenizer, max_tokens=args.calibration_tokens, model_id=args.model,
+                                    size_for=size_for)
     _say(f"calibrated on {calibration.metadata['tokens']} tokens of {calibration.metadata['data']} "
          f"({time.time() - started:.0f} s)")
     return calibration, logits
@@ -129,8 +130,11 @@ def cmd_sweep(args) -> int:
     out = Path(args.out)
     _setup_logging(out)
     model, tokenizer = _load(args)
-    calibration, logits = _calibration(args, model, tokenizer)
-    runs = _presets(args.preset, ex.BUDGETS[args.budget], calibration, logits)
+    budget = ex.BUDGETS[args.budget]
+    planned = None if args.preset == "matched" else _presets(args.preset, budget, None, None)
+    # a fixed preset's smallest alpha sizes the calibration (matched compute searches alpha afterwards)
+    calibration, logits = _calibration(args, model, tokenizer, size_for=[r.routing for r in planned or []])
+    runs = planned or _presets(args.preset, budget, calibration, logits)
     _say(f"sweep {args.preset}: {len(runs)} runs, budget {args.budget} → {out}")
     ex.run_sweep(ex.SweepContext(model, tokenizer, args.model, calibration), runs, out, name=args.preset,
                  retry_failed=args.retry_failed)

@@ -24,7 +24,7 @@ import time
 import urllib.error
 import urllib.request
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from importlib import resources
 from types import MappingProxyType
@@ -52,6 +52,7 @@ class Provenance:
     seed: int | None           # as requested
     sha256: str | None         # of the bundled file's uncompressed content; None for the hub
     note: str = ""             # e.g. why "auto" fell back to the bundled copy
+    part: str | None = None    # WikiText articles: "evaluation", "calibration" or "all" (wikitext_split)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -333,6 +334,32 @@ def load_wikitext_documents(source: str = "auto", n: int | None = None,
         n, seed, lines.provenance.sha256,
         "; ".join(filter(None, ["documents formed from lines as EleutherAI/wikitext_document_level",
                                 lines.provenance.note])))
+    return Dataset("wikitext_documents", _subset(records, n, seed), provenance)
+
+
+WIKITEXT_CALIBRATION_ARTICLES = 12  # the last articles of WikiText-2 test: BH p-value calibration text
+WIKITEXT_PARTS = ("evaluation", "calibration", "all")
+
+
+def wikitext_split(part: str = "evaluation", source: str = "auto", n: int | None = None,
+                   seed: int | None = None) -> Dataset:
+    """The one place that splits WikiText-2 test articles between calibration and evaluation.
+
+    ``"calibration"``: the last ``WIKITEXT_CALIBRATION_ARTICLES`` articles (the BH p-value null);
+    ``"evaluation"``: all the others, so no evaluated token was seen by calibration; ``"all"``: every
+    article (evaluation text then includes calibration text). ``n``/``seed`` select articles within
+    the part; the part is recorded in the provenance."""
+    if part not in WIKITEXT_PARTS:
+        raise ValueError(f"part must be one of {WIKITEXT_PARTS}, got {part!r}")
+    articles = load_wikitext_documents(source)
+    cut = len(articles.records) - WIKITEXT_CALIBRATION_ARTICLES
+    records = {"evaluation": articles.records[:cut], "calibration": articles.records[cut:],
+               "all": articles.records}[part]
+    _check_n("wikitext", n, len(records), f"WikiText {part} article")
+    where = {"evaluation": f"articles 1-{cut}", "calibration": f"articles {cut + 1}-{len(articles.records)}",
+             "all": f"all {len(articles.records)} articles, calibration text included"}[part]
+    provenance = replace(articles.provenance, n=n, seed=seed, population=len(records), part=part,
+                         note="; ".join(filter(None, [where, articles.provenance.note])))
     return Dataset("wikitext_documents", _subset(records, n, seed), provenance)
 
 

@@ -31,6 +31,7 @@ import math
 import platform
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -813,9 +814,18 @@ def resolve_max_length(model, tokenizer=None, default: int = 2048) -> int:
     return int(limit) if limit is not None and limit < int(1e30) else default
 
 
-def load_docs(task: str, n: int | None = None, seed: int | None = None, source: str = "auto"):
-    """The task's documents and their provenance (via bh_routing.data)."""
-    dataset = data_module.load(TASKS[task].dataset, source=source, n=n, seed=seed)
+def load_docs(task: str, n: int | None = None, seed: int | None = None, source: str = "auto",
+              wikitext_part: str = "evaluation"):
+    """The task's documents and their provenance (via bh_routing.data). WikiText: articles of
+    ``wikitext_part`` (``data.wikitext_split``: by default the evaluation part, never calibration text;
+    "all" or "calibration" score calibration text, with a warning)."""
+    if task == "wikitext":
+        if wikitext_part != "evaluation":
+            warnings.warn(f"WikiText part {wikitext_part!r}: the evaluation scores the articles BH p-values are "
+                          "calibrated on (recorded in config['data']['part'])", stacklevel=3)
+        dataset = data_module.wikitext_split(wikitext_part, source=source, n=n, seed=seed)
+    else:
+        dataset = data_module.load(TASKS[task].dataset, source=source, n=n, seed=seed)
     return dataset.records, dataset.provenance.as_dict()
 
 
@@ -824,11 +834,12 @@ def evaluate(model, tokenizer, task: str, *, n: int | None = None, seed: int | N
              max_length: int | None = None, stride: int | None = None, batch_size: int | str = "auto",
              max_batch_tokens: int | None = None, padding_side: str = "right", share_prefix: bool = True,
              recorder=None, model_id: str | None = None, routing_config: Any = None,
-             backend: str = "native", progress: bool = False) -> EvalResult:
+             backend: str = "native", progress: bool = False, wikitext_part: str = "evaluation") -> EvalResult:
     """Evaluate `model` (patched or not) on one task; see the module docstring for definitions.
 
     task: "wikitext", "hellaswag" or "lambada".
-    n, seed, source: which documents (`bh_routing.data.load`; WikiText counts articles); or `docs`.
+    n, seed, source: which documents (`bh_routing.data.load`; WikiText counts articles of
+        `wikitext_part`, by default the evaluation articles: `data.wikitext_split`); or `docs`.
     max_length: tokens of input per sequence (default: the model's context length, lm-eval's rule).
     stride: WikiText only; tokens newly predicted per window (default max_length: non-overlapping).
     batch_size, max_batch_tokens, padding_side, share_prefix: see `score_requests`; they change
@@ -850,7 +861,7 @@ def evaluate(model, tokenizer, task: str, *, n: int | None = None, seed: int | N
     if stride is not None and not spec.uses_stride:
         raise ValueError(f"stride applies to wikitext only, not {task}")
     if docs is None:
-        docs, provenance = load_docs(task, n=n, seed=seed, source=source)
+        docs, provenance = load_docs(task, n=n, seed=seed, source=source, wikitext_part=wikitext_part)
     else:
         docs, provenance = list(docs), {"dataset": spec.dataset, "source": "given", "n": len(docs)}
     config = {
@@ -870,7 +881,7 @@ def evaluate(model, tokenizer, task: str, *, n: int | None = None, seed: int | N
         if stride is not None and stride != max_length:
             raise ValueError("backend='lm-eval' scores WikiText with non-overlapping windows only (stride=None)")
         return _evaluate_lm_eval(model, tokenizer, spec, docs, config, n=n, seed=seed, source=source,
-                                 batch_size=batch_size)
+                                 batch_size=batch_size, wikitext_part=wikitext_part)
     if backend != "native":
         raise ValueError(f"backend must be 'native' or 'lm-eval', got {backend!r}")
 
@@ -945,7 +956,8 @@ def _version(package: str) -> str | None:
 # The harness itself (optional dependency)
 # ==================================================================================================
 
-def _evaluate_lm_eval(model, tokenizer, spec: Task, docs, config, *, n, seed, source, batch_size) -> EvalResult:
+def _evaluate_lm_eval(model, tokenizer, spec: Task, docs, config, *, n, seed, source, batch_size,
+                      wikitext_part) -> EvalResult:
     """Run lm_eval.simple_evaluate on this task's YAML (bh_routing/lm_eval_tasks), same documents."""
     try:
         import lm_eval
@@ -959,7 +971,8 @@ def _evaluate_lm_eval(model, tokenizer, spec: Task, docs, config, *, n, seed, so
     lm = HFLM(pretrained=model, tokenizer=tokenizer, max_length=config["max_length"],
               batch_size=batch_size if batch_size != "auto" else 1, device=config["device"])
     manager = TaskManager(include_path=TASK_DIR, include_defaults=False,
-                          metadata={"bh_n": n, "bh_seed": seed, "bh_source": source})
+                          metadata={"bh_n": n, "bh_seed": seed, "bh_source": source,
+                                    "bh_wikitext_part": wikitext_part})
     output = lm_eval.simple_evaluate(model=lm, tasks=[spec.lm_eval_task], task_manager=manager,
                                      num_fewshot=0, log_samples=True)
     raw = output["results"][spec.lm_eval_task]

@@ -5,8 +5,8 @@ sweep context (model, dtype, calibration), so a folder never mixes runs of diffe
 :func:`run_sweep` skips runs already in ``results.jsonl``, records a failing run (OOM, NaN, bad
 config) with its error and goes on. Presets reproduce the seed notebooks' grids.
 
-Calibration text: the last ``CALIBRATION_DOCS`` WikiText-2 test articles; WikiText evaluation uses
-at most the first ``62 - CALIBRATION_DOCS`` articles, so no evaluated token was seen by calibration.
+Calibration text and WikiText evaluation text are the two parts of ``data.wikitext_split``, so no
+evaluated token was seen by calibration.
 """
 from __future__ import annotations
 
@@ -23,12 +23,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from .pvalues import Calibration
+from .pvalues import CALIBRATED, Calibration, ResolutionError, calibration_requirement
 from .selection import build_router
 from .store import ResultStore, write_json
 
-CALIBRATION_DOCS = 12
-EVAL_WIKITEXT_DOCS = 62 - CALIBRATION_DOCS
 TASKS = ("wikitext", "hellaswag", "lambada", "prompts")
 
 
@@ -64,7 +62,7 @@ BUDGETS = {
     "smoke": Budget(wikitext_docs=1, hellaswag=8, lambada=8, max_length=128, new_tokens=4),  # tests, CI
     "demo": Budget(wikitext_docs=2, hellaswag=60, lambada=60, max_length=256, new_tokens=16),  # tiny model, 2 CPUs
     "colab": Budget(wikitext_docs=8, hellaswag=300, lambada=300, max_length=1024, new_tokens=50),  # OLMoE, free T4
-    "full": Budget(wikitext_docs=EVAL_WIKITEXT_DOCS, hellaswag=None, lambada=None, max_length=None, new_tokens=50),
+    "full": Budget(wikitext_docs=None, hellaswag=None, lambada=None, max_length=None, new_tokens=50),
 }
 
 # --------------------------------------------------------------------------- matched compute
@@ -85,10 +83,8 @@ def mean_experts(config: Mapping, router_logits: Sequence[torch.Tensor], calibra
         warnings.simplefilter("ignore")  # p-value resolution warnings are expected at search extremes
         try:
             router = build_router(config, calibration)
-        except ValueError as error:
-            if "can never select" in str(error):  # alpha below the p-value resolution: the floor
-                return float(config.get("min_k", 1))
-            raise
+        except ResolutionError:  # alpha below the p-value resolution: only the floor
+            return float(config.get("min_k", 1))
         layers = range(len(router_logits)) if layers is None else layers
         return float(np.mean([router(router_logits[l], l).counts.float().mean().item() for l in layers]))
 
@@ -150,6 +146,10 @@ def full_experiments(budget: Budget, tasks: Sequence[str] = ("wikitext", "hellas
             for task in tasks for group, label, cfg in configs]
 
 
+SOFTMAX_TEMPERATURES = (0.05, 0.1, 0.2, 0.5, 1.0)  # deep dive: T of the softmax p-values
+WEIGHTS_TEMPERATURES = (0.5, 0.75, 1.0, 1.5, 2.0)  # deep dive: T of the mixing weights
+
+
 def bh_deep_dive(budget: Budget, task: str = "wikitext") -> list[Run]:
     runs = [Run("native top-8", {"strategy": "topk", "k": 8}, task, budget.n_for(task), max_length=budget.max_length,
                 group="baseline")]
@@ -157,28 +157,36 @@ def bh_deep_dive(budget: Budget, task: str = "wikitext") -> list[Run]:
         runs += [Run(f"BH {model} α={a}", {"strategy": "bh", "pvalues": model, "alpha": a}, task, budget.n_for(task),
                      max_length=budget.max_length, group=f"alpha/{model}")
                  for a in (0.01, 0.02, 0.05, 0.10, 0.15, 0.20, 0.30, 0.50)]
-    runs += [Run(f"BH empirical α=0.05 T={t}", {"strategy": "bh", "alpha": 0.05, "temperature": t}, task,
-                 budget.n_for(task), max_length=budget.max_length, group="temperature")
-             for t in (0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)]
+    # Temperature where it means something: softmax p-values (calibrated ones are temperature-invariant
+    # and refuse T != 1), and the mixing weights at a fixed selection.
+    runs += [Run(f"BH softmax α=0.05 T={t}", {"strategy": "bh", "pvalues": "softmax", "alpha": 0.05, "temperature": t},
+                 task, budget.n_for(task), max_length=budget.max_length, group="temperature/softmax")
+             for t in SOFTMAX_TEMPERATURES]
+    runs += [Run(f"BH empirical α=0.05 weights T={t}", {"strategy": "bh", "alpha": 0.05, "weights_temperature": t},
+                 task, budget.n_for(task), max_length=budget.max_length, group="weights temperature")
+             for t in WEIGHTS_TEMPERATURES]
     runs += [Run(f"BH empirical α={a} max_k={m}", {"strategy": "bh", "alpha": a, "max_k": m}, task, budget.n_for(task),
                  max_length=budget.max_length, group="alpha x max_k")
              for m in (8, 16, 32, 64) for a in (0.01, 0.05, 0.10)]
     return runs
 
 
+MATCHED_ADAPTIVE = {  # matched compute: each strategy with its knob (KNOBS) searched for a mean k
+    "BH empirical": {"strategy": "bh", "pvalues": "empirical", "max_k": 8},
+    "BH zscore": {"strategy": "bh", "pvalues": "zscore", "max_k": 8},
+    "top-p": {"strategy": "top_p", "max_k": 8}, "threshold": {"strategy": "threshold", "max_k": 8},
+    "ratio": {"strategy": "ratio", "max_k": 8}}
+
+
 def matched_compute(budget: Budget, router_logits: Sequence[torch.Tensor], calibration: Calibration,
                     tasks: Sequence[str] = ("wikitext",), targets=(2, 4, 6, 8), per_layer: bool = False) -> list[Run]:
     """Every adaptive strategy at the knob that gives mean k in ``targets`` on calibration text,
     beside top-k at the same k — the fair comparison."""
-    adaptive = {"BH empirical": {"strategy": "bh", "pvalues": "empirical", "max_k": 8},
-                "BH zscore": {"strategy": "bh", "pvalues": "zscore", "max_k": 8},
-                "top-p": {"strategy": "top_p", "max_k": 8}, "threshold": {"strategy": "threshold", "max_k": 8},
-                "ratio": {"strategy": "ratio", "max_k": 8}}
     runs = []
     for k in targets:
         configs = [(f"top-{k}", {"strategy": "topk", "k": k})]
         configs += [(f"{name} @k̄={k}", calibrate_to_mean_k(cfg, k, router_logits, calibration, per_layer))
-                    for name, cfg in adaptive.items()]
+                    for name, cfg in MATCHED_ADAPTIVE.items()]
         runs += [Run(label, cfg, task, budget.n_for(task), max_length=budget.max_length, group=f"matched k={k}")
                  for task in tasks for label, cfg in configs]
     return runs
@@ -189,7 +197,9 @@ SEED_PROMPT_CONFIGS = {
     "bh_strict": {"strategy": "bh", "alpha": 0.01, "max_k": 8},
     "bh_moderate": {"strategy": "bh", "alpha": 0.05, "max_k": 8},
     "bh_loose": {"strategy": "bh", "alpha": 0.10, "max_k": 8},
-    "bh_adaptive": {"strategy": "bh", "alpha": 0.05, "temperature": 2.0, "max_k": 8},
+    # α 0.10 with room for 16 experts: the test, not the cap, decides each token's count (the seed's
+    # T = 2 made the calibrated p-values invalid and left 95 % of tokens on the floor).
+    "bh_adaptive": {"strategy": "bh", "pvalues": "empirical", "alpha": 0.10, "max_k": 16},
 }
 
 
@@ -205,24 +215,50 @@ PRESETS = ("full", "deep-dive", "matched", "prompts")
 
 
 def calibration_windows(tokenizer, window: int = 512, max_tokens: int = 32768) -> list[torch.Tensor]:
-    """Token windows [1, S] of the held-out WikiText-2 calibration articles."""
-    from .data import load_wikitext_documents
-    documents = load_wikitext_documents().records[-CALIBRATION_DOCS:]
+    """Token windows [1, S] of the WikiText-2 calibration articles (``data.wikitext_split``)."""
+    from .data import wikitext_split
+    documents = wikitext_split("calibration").records
     ids = tokenizer("".join(d["page"] for d in documents), verbose=False)["input_ids"][:max_tokens]   # windowed below
     return [torch.tensor(ids[i:i + window])[None] for i in range(0, len(ids), window)]
 
 
-def calibrate(model, tokenizer, max_tokens: int = 32768, window: int = 512, model_id: str | None = None
-              ) -> tuple[Calibration, list[torch.Tensor]]:
-    """One teacher-forced pass with the native router → (Calibration, per-layer logits [T, N])."""
+def calibration_size(configs: Sequence[Mapping], num_experts: int, top_k: int) -> tuple[int, int]:
+    """(tokens, null samples per expert) that let every calibrated bh/by config in ``configs`` (plain or
+    ``{"per_layer": ...}``) select one expert on its own: its smallest critical value c_1 resolvable."""
+    flat = [c for config in configs for c in (config["per_layer"].values() if "per_layer" in config else [config])]
+    needs = [calibration_requirement(c.get("alpha", 0.05), c["strategy"], num_experts, top_k, c.get("pvalues", "empirical"))
+             for c in flat if c.get("strategy") in ("bh", "by") and c.get("pvalues", "empirical") in CALIBRATED]
+    empirical = [n for n in needs if n.model == "empirical"]
+    tokens = max((n.tokens for n in needs), default=0)
+    return tokens, max((n.null_samples for n in empirical), default=0)
+
+
+def calibrate(model, tokenizer, max_tokens: int = 32768, window: int = 512, model_id: str | None = None,
+              size_for: Sequence[Mapping] | None = None) -> tuple[Calibration, list[torch.Tensor]]:
+    """One teacher-forced pass with the native router → (Calibration, per-layer logits [T, N]).
+
+    ``size_for``: the routing configs of the sweep the calibration serves; ``max_tokens`` and the
+    per-expert null size grow to what its smallest α needs (``calibration_size``), with a warning when
+    the calibration articles hold fewer tokens than that."""
     from .patching import collect_router_logits, find_moe_blocks
+    block = find_moe_blocks(model)[0]
+    samples_per_expert = 8192
+    if size_for:
+        tokens, samples = calibration_size(size_for, block.num_experts, block.top_k)
+        max_tokens, samples_per_expert = max(max_tokens, tokens), max(samples_per_expert, samples)
     device = next(model.parameters()).device
-    batches = [w.to(device) for w in calibration_windows(tokenizer, window, max_tokens)]
+    windows = calibration_windows(tokenizer, window, max_tokens)
+    available = sum(w.shape[1] for w in windows)
+    if size_for and available < max_tokens:
+        warnings.warn(f"the sweep's smallest alpha needs ~{max_tokens:,} calibration tokens; the calibration articles "
+                      f"hold {available:,}: BH/BY at that alpha cannot select an expert on its own", stacklevel=2)
+    batches = [w.to(device) for w in windows]
     with torch.no_grad():
         logits = collect_router_logits(model, batches, max_tokens=max_tokens)
     meta = {"model": model_id or getattr(model.config, "_name_or_path", ""),
-            "data": f"wikitext-2-raw-v1 test, last {CALIBRATION_DOCS} articles", "tokens": int(logits[0].shape[0])}
-    return Calibration.from_router_logits(logits, top_k=find_moe_blocks(model)[0].top_k, metadata=meta), logits
+            "data": "wikitext-2-raw-v1 test, calibration articles (data.wikitext_split)", "tokens": int(logits[0].shape[0])}
+    return Calibration.from_router_logits(logits, top_k=block.top_k, max_samples_per_expert=samples_per_expert,
+                                          metadata=meta), logits
 
 
 # --------------------------------------------------------------------------- execution
@@ -259,13 +295,8 @@ def _floor_ceiling(counts: np.ndarray, patch) -> dict:
 
 def execute_eval(context: SweepContext, run: Run, run_dir: Path) -> dict:
     from .evaluation import evaluate
-    docs = None
-    if run.task == "wikitext":
-        from .data import load_wikitext_documents
-        docs = load_wikitext_documents().records[:EVAL_WIKITEXT_DOCS][: run.n]
-    with _patch(context, run.routing) as patch:
-        result = evaluate(context.model, context.tokenizer, run.task, n=None if docs else run.n, seed=run.seed,
-                          docs=docs, max_length=run.max_length, recorder=patch, model_id=context.model_id,
+    with _patch(context, run.routing) as patch:  # WikiText: evaluation articles only (data.wikitext_split)
+        result = evaluate(context.model, context.tokenizer, run.task, n=run.n, seed=run.seed, max_length=run.max_length, recorder=patch, model_id=context.model_id,
                           routing_config=dict(run.routing))
         limits = _floor_ceiling(result.token_experts, patch)
     bad = {k: v for k, v in result.metrics.items() if isinstance(v, float) and not math.isfinite(v)

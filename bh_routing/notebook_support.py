@@ -374,7 +374,7 @@ def text_sources(tokens_per_source: int, source: str = "auto", domains: bool = T
     the tiny model (:func:`domain_sample`); and the prompt sets' prompts, grouped by category
     (the domain prompts one by one)."""
     from . import data
-    docs = data.load_wikitext_documents(source).records[:ex.EVAL_WIKITEXT_DOCS]
+    docs = data.wikitext_split("evaluation", source).records
     n_docs = max(1, min(len(docs), math.ceil(tokens_per_source / 2000)))
     hellaswag = data.load_hellaswag(source, n=max(4, math.ceil(tokens_per_source / 30)))
     lambada = data.load_lambada(source, n=max(4, math.ceil(tokens_per_source / 60)))
@@ -906,17 +906,21 @@ def patch_vs_analyze(model, tokenizer, text: str, config: Mapping, calibration=N
             "same_next_token_patch": bool((patched[0, -1].argmax() == native[0, -1].argmax()).item())}
 
 
+LIVE_SLIDERS = {"alpha": (1e-3, 1.0), "weights_temperature": (0.25, 5.0)}  # notebook 02's interactive ranges
+
+
 @torch.no_grad()
-def reroute(model, tokenizer, prompt: str, calibration=None, alpha: float = 0.05, temperature: float = 1.0,
+def reroute(model, tokenizer, prompt: str, calibration=None, alpha: float = 0.05, weights_temperature: float = 1.0,
             pvalues: str = "empirical", max_k: int = 8, subtitle: str | None = None):
-    """Route ``prompt`` with BH (patch mode) at (α, T): (figure of experts per token, summary with
-    mean experts and the next-token top-5 next to native top-8's). For the interactive sliders."""
+    """Route ``prompt`` with BH (patch mode) at α, mixing with weights softmax(logits / T_w) (the
+    selection does not depend on T_w): (figure of experts per token, summary with mean experts and the
+    next-token top-5 next to native top-8's). For the interactive sliders."""
     from .patching import RoutingPatch
     device = next(model.parameters()).device
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
     config = {"strategy": "bh", "alpha": alpha, "pvalues": pvalues, "max_k": max_k}
-    if temperature != 1.0:
-        config["temperature"] = temperature
+    if weights_temperature != 1.0:
+        config["weights_temperature"] = weights_temperature
     native = torch.softmax(model(input_ids=ids, use_cache=False).logits[0, -1].float(), dim=-1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -925,12 +929,12 @@ def reroute(model, tokenizer, prompt: str, calibration=None, alpha: float = 0.05
             counts = patch.recorder.counts()
     pieces = [tokenizer.decode([int(t)]) for t in ids[0]]
     fig = plots.plot_token_experts(pieces, counts, min_k=1, max_k=max_k,
-                                   subtitle=subtitle or f"BH {pvalues} α={alpha} T={temperature}")
+                                   subtitle=subtitle or f"BH {pvalues} α={alpha} weights T={weights_temperature}")
 
     def top5(p):
         values, index = torch.topk(p, 5)
         return [f"{tokenizer.decode([int(i)])!r} {float(v):.3g}" for v, i in zip(values, index)]
-    summary = {"alpha": alpha, "temperature": temperature, "mean_experts": float(counts.mean()),
+    summary = {"alpha": alpha, "weights_temperature": weights_temperature, "mean_experts": float(counts.mean()),
                "floor_rate": float((counts == 1).mean()), "next_native": top5(native), "next_bh": top5(routed),
                "total_variation": float(0.5 * (native - routed).abs().sum())}
     return fig, summary
@@ -969,10 +973,7 @@ def run_tokens(run: "ex.Run", tokenizer, default_max_length: int = 4096) -> int:
     max_length = run.max_length or default_max_length
     key = (id(tokenizer), run.task, run.n, run.seed, max_length)
     if key not in _TOKEN_CACHE:
-        if run.task == "wikitext":
-            docs = data.load_wikitext_documents().records[:ex.EVAL_WIKITEXT_DOCS][:run.n]
-        else:
-            docs, _ = load_docs(run.task, n=run.n, seed=run.seed)
+        docs, _ = load_docs(run.task, n=run.n, seed=run.seed)
         requests = TASKS[run.task].build_requests(docs, tokenizer, max_length, None)
         _TOKEN_CACHE[key] = sum(r.input_length for r in requests)
     return _TOKEN_CACHE[key]

@@ -45,6 +45,7 @@ LABELS = {
     "accuracy": "accuracy (higher is better)",
     "alpha": "α (BH level)",
     "temperature": "temperature T",
+    "weights_temperature": "mixing-weights temperature",
     "max_k": "max_k",
     "latency_ms": "latency (ms)",
     "load_cv": "expert-load CV",

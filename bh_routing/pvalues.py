@@ -1,13 +1,45 @@
 """P-value models for BH routing, and the calibration data the calibrated ones need.
 
-Why several models (see DESIGN.md): ``softmax`` p-values (1 - prob) are ~0.85 on OLMoE's flat router
-and BH selects nothing; a per-layer ``pooled`` null is uniform by construction and BH finds little.
-``empirical`` compares each expert's logit with *that expert's own* logits on calibration tokens
-where the native top-k did not route to it — a null of "irrelevant" affinities.
+Why several models (see the user guide): ``softmax`` p-values (1 - prob) are ~0.85 on OLMoE's flat
+router and BH selects nothing; a per-layer ``pooled`` null is uniform by construction and BH finds
+little. ``empirical`` compares each expert's logit with *that expert's own* logits on calibration
+tokens where the native top-k did not route to it — a null of "irrelevant" affinities.
 
-Every model maps float32 logits [T, N] (already divided by nothing: temperature is applied here)
-to float32 p-values [T, N] in (0, 1]; calibrated models use the exact empirical upper tail
-p = (1 + #{null >= x}) / (n + 1), so no p-value is 0.
+Every model maps float32 logits [T, N] to float32 p-values [T, N] in (0, 1].
+
+What each model's p-value means
+-------------------------------
+* ``empirical`` (calibrated): p = (1 + #{null >= x}) / (n + 1) against expert e's own null sample
+  (its logits on n calibration tokens where the native top-k did not route to it). Valid — P(p <= q)
+  <= q for every q — for expert e on a new token *on which e is not routed natively*, **if** that
+  token's logit for e and e's calibration null are exchangeable: the new token comes from the same
+  distribution as the calibration text (same model, same kind of text; the subsample is random, so
+  subsampling keeps exchangeability). This is a per-expert, marginal-over-tokens guarantee; text
+  unlike the calibration text breaks it for the experts whose logits shift (measure it with
+  :func:`bh_routing.validity.calibration_quality`).
+* ``pooled`` (calibrated): the same against one null per layer (all experts' logits on all
+  calibration tokens). Valid for a new (token, expert) pair drawn like a random calibration pair;
+  conservative for non-routed experts, which sit low in that null.
+* ``softmax``: 1 - softmax(logits / T). A heuristic score, the seed's rule. It never falls below
+  k/(k+1) for an expert outside the native top-k (whatever T: k experts have larger probabilities),
+  so it is conservative for that null; BH on it selects at most one expert for α < N/4 (two
+  probabilities cannot both exceed 1 - 2α/N). Computed so that it is never 0 (the top expert's p is
+  the sum of the others' probabilities, clamped to the smallest normal float32).
+* ``zscore``: the normal upper tail of the logit's robust z-score *within its own token* (median and
+  MAD of the token's N logits). A heuristic score under a within-token normal approximation, **not**
+  a p-value under a stated null: a token's N logits are not a normal sample and the selected experts
+  move the median and MAD. Tails beyond float32 are clamped to the smallest normal float32 (ties
+  then go to the larger logit, like every p-value tie).
+
+Temperature: a calibrated p-value is a rank of the logit within a null of logits, so dividing both
+by T changes nothing and dividing only the new logits makes the p-values invalid. Calibrated models
+and ``zscore`` (scale-invariant) therefore refuse T != 1; T applies to ``softmax`` p-values and,
+through the router's ``weights_temperature``, to the mixing weights.
+
+Resolution: the smallest calibrated p-value is 1/(n+1). BH/BY with critical values c_1 <= ... <=
+c_N (c_N = α for BH, α/H_N for BY, c_1 = c_N/N) can select nothing when 1/(n+1) > c_N
+(:class:`ResolutionError`) and no expert on its own when 1/(n+1) > c_1 (a warning);
+:func:`calibration_requirement` says how many null samples and calibration tokens a setting needs.
 """
 from __future__ import annotations
 
@@ -20,7 +52,10 @@ from typing import Callable, Sequence
 import torch
 
 PVALUE_MODELS = ("softmax", "pooled", "empirical", "zscore")
-CALIBRATED = ("pooled", "empirical")
+CALIBRATED = ("pooled", "empirical")  # valid under exchangeability with the calibration text
+HEURISTIC = ("softmax", "zscore")  # scores on the p-value scale, no exact null (see the module docstring)
+TEMPERATURE_MODELS = ("softmax",)  # the only p-values T changes; the rest are temperature-invariant
+SMALLEST_PVALUE = torch.finfo(torch.float32).tiny  # heuristic tails are clamped here, never 0
 FILE_FORMAT = "bh_routing.calibration/1"
 
 
@@ -163,8 +198,10 @@ class TailTable:
         ok = (p <= torch.tensor(cutoff, dtype=torch.float32)) & (at_or_above <= counts[:, None])
         largest = torch.where(ok, at_or_above, -1).amax(dim=1)  # [N] largest allowed count, -1: none
         below = counts - largest - 1  # x must exceed the null value with this many below it
+        # (largest = -1: no p-value <= cutoff, below = counts may be = size; clamped in the gather,
+        # whose result torch.where then discards)
         thresholds = torch.where(largest < 0, torch.full_like(null[:, 0], math.inf),
-                                 null.gather(1, below.clamp(min=0)[:, None]).squeeze(1))
+                                 null.gather(1, below.clamp(0, size - 1)[:, None]).squeeze(1))
         thresholds = torch.where(below < 0, torch.full_like(thresholds, -math.inf), thresholds)
         start = torch.where(largest < 0, counts, below.clamp(min=0))  # [N]
         width = max(int((counts - start).max()), 1)
@@ -230,22 +267,24 @@ class PValueModel:
 
 def _softmax_pvalues(temperature):
     def pvalues(logits, layer):
-        return 1.0 - torch.softmax(logits / temperature, dim=-1, dtype=torch.float32)
+        probs = torch.softmax(logits / temperature, dim=-1, dtype=torch.float32)  # [T, N]
+        p = 1.0 - probs
+        # The top expert's 1 - prob cancels to 0 when prob rounds to 1: use the others' sum instead.
+        top = probs.argmax(dim=1, keepdim=True)  # [T, 1]
+        p.scatter_(1, top, probs.scatter(1, top, 0.0).sum(dim=1, keepdim=True))
+        return p.clamp(min=SMALLEST_PVALUE)
     return PValueModel(pvalues)
 
 
-def _zscore_pvalues(temperature):
-    if temperature != 1.0:
-        raise ValueError("temperature has no effect on zscore p-values (the z-score is scale-invariant); "
-                         "tune alpha instead, or use pvalues='empirical'")
-
+def _zscore_pvalues():
     def pvalues(logits, layer):
         x = logits.double()
         med = _median(x)
         mad = _median((x - med).abs())
         scale = (1.4826 * mad).clamp(min=torch.finfo(torch.float64).tiny)
         z = (x - med) / scale
-        return (0.5 * torch.erfc(z / math.sqrt(2.0))).float()
+        # float64 tail (0 only beyond z ~ 38), then clamped: float32 alone underflows from z ~ 13
+        return (0.5 * torch.erfc(z / math.sqrt(2.0))).float().clamp(min=SMALLEST_PVALUE)
     return PValueModel(pvalues)
 
 
@@ -256,66 +295,142 @@ def _median(x: torch.Tensor) -> torch.Tensor:
     return ((ordered[:, (n - 1) // 2] + ordered[:, n // 2]) / 2)[:, None]
 
 
-def _pooled_pvalues(temperature, calibration):
+def _pooled_pvalues(calibration):
     def pvalues(logits, layer):
         calibration.check_layer(layer, logits.shape[1])
         _, _, pooled, pooled_counts = calibration.on(logits.device)
-        x = (logits / temperature).float().reshape(1, -1)  # [1, T*N]
+        x = logits.float().reshape(1, -1)  # [1, T*N]
         return upper_tail_pvalues(pooled[layer:layer + 1], pooled_counts[layer:layer + 1], x).view_as(logits)
-    return PValueModel(pvalues, _calibrated_tail("pooled", temperature, calibration))
+    return PValueModel(pvalues, _calibrated_tail("pooled", calibration))
 
 
-def _empirical_pvalues(temperature, calibration):
+def _empirical_pvalues(calibration):
     def pvalues(logits, layer):
         calibration.check_layer(layer, logits.shape[1])
         empirical, counts, _, _ = calibration.on(logits.device)
-        x = (logits / temperature).float()  # [T, N]
-        return upper_tail_pvalues(empirical[layer], counts[layer], x.T).T  # [T, N]
-    return PValueModel(pvalues, _calibrated_tail("empirical", temperature, calibration))
+        return upper_tail_pvalues(empirical[layer], counts[layer], logits.float().T).T  # [T, N]
+    return PValueModel(pvalues, _calibrated_tail("empirical", calibration))
 
 
-def _calibrated_tail(model, temperature, calibration):
+def _calibrated_tail(model, calibration):
     def tail(logits, layer, cutoff):
         calibration.check_layer(layer, logits.shape[1])
-        x = (logits / temperature if temperature != 1.0 else logits).float()  # [T, N]
+        x = logits.float()  # [T, N]
         return calibration.tail_table(model, layer, cutoff, x.device).pvalues(x)
     return tail
 
 
-def _check_resolution(calibration: Calibration, model: str, alpha: float) -> None:
-    """The smallest attainable p-value is 1/(n+1): say so when alpha cannot be reached."""
+# --------------------------------------------------------------------------- resolution
+
+
+class ResolutionError(ValueError):
+    """The calibration's null is too small for α: the smallest p-value 1/(n+1) exceeds the largest
+    critical value, so the step-up procedure can never select an expert."""
+
+
+def null_samples_needed(critical: float) -> int:
+    """Smallest null size n whose best float32 p-value 1/(n+1) is <= ``critical`` (as the step-up
+    compares them: the critical value rounded down to float32)."""
+    bound = torch.tensor(critical, dtype=torch.float64).float()
+    if float(bound) > critical:
+        bound = torch.nextafter(bound, torch.zeros(()))
+    n = max(math.ceil(1.0 / critical) - 1, 1)
+    while float(torch.tensor(1.0) / torch.tensor(float(n + 1))) > float(bound):
+        n += 1
+    return n
+
+
+@dataclass(frozen=True)
+class CalibrationRequirement:
+    """What a BH/BY setting needs from a calibration (``calibration_requirement``)."""
+    alpha: float
+    procedure: str
+    model: str
+    critical_first: float  # c_1: the smallest critical value (select one expert on its own)
+    critical_last: float  # c_N: the largest (select anything at all)
+    null_samples: int  # per expert (empirical) or per layer (pooled) for p <= c_1
+    tokens: int  # calibration tokens that give that many null samples (on average, for empirical)
+    null_samples_any: int  # for p <= c_N
+    tokens_any: int
+
+    def describe(self) -> str:
+        per = "per expert" if self.model == "empirical" else "per layer"
+        return (f"{self.procedure.upper()} at alpha={self.alpha:g} has critical values c_1 = {self.critical_first:.3g} "
+                f"... c_N = {self.critical_last:.3g}: selecting one expert on its own needs p <= c_1, i.e. >= "
+                f"{self.null_samples:,} {self.model} null samples {per} (~{self.tokens:,} calibration tokens); "
+                f"selecting anything needs >= {self.null_samples_any:,} (~{self.tokens_any:,} tokens)")
+
+
+def calibration_requirement(alpha: float, procedure: str, num_experts: int, top_k: int,
+                            model: str = "empirical") -> CalibrationRequirement:
+    """Null samples and calibration tokens BH/BY at ``alpha`` needs with ``model`` p-values.
+
+    ``empirical``: expert e's null holds its logits on tokens where the native top-k skips it, a share
+    1 - k/N of tokens on average (busier experts need more tokens; ``max_samples_per_expert`` of
+    :meth:`Calibration.from_router_logits` must be at least the null size). ``pooled``: every token
+    adds N values (``max_samples_pooled`` must be at least the null size)."""
+    from .selection import stepup_critical_values
+    if model not in CALIBRATED:
+        raise ValueError(f"only calibrated p-value models {CALIBRATED} need a calibration, not {model!r}")
+    critical = stepup_critical_values(num_experts, alpha, procedure)
+    per_token = (1.0 - top_k / num_experts) if model == "empirical" else float(num_experts)
+    first, last = float(critical[0]), float(critical[-1])
+    n_first, n_last = null_samples_needed(first), null_samples_needed(last)
+    return CalibrationRequirement(alpha, procedure, model, first, last, n_first, math.ceil(n_first / per_token),
+                                  n_last, math.ceil(n_last / per_token))
+
+
+def _check_resolution(calibration: Calibration, model: str, alpha: float, procedure: str) -> None:
+    """The smallest attainable p-value is 1/(n+1): error when it exceeds c_N, warn when it exceeds c_1."""
     counts = calibration.empirical_counts if model == "empirical" else calibration.pooled_counts
-    best = 1.0 / (int(counts.max()) + 1)
-    num_experts = calibration.num_experts
-    if best > alpha:
-        raise ValueError(f"with at most {int(counts.max())} calibration samples the smallest {model} "
-                         f"p-value is {best:.2e} > alpha={alpha}: BH can never select an expert. "
-                         "Calibrate on more tokens or raise alpha.")
-    if best > alpha / num_experts:
-        warnings.warn(f"{model} p-values have resolution {best:.2e} > alpha/N = {alpha / num_experts:.2e}: "
-                      "BH cannot select a single expert on its own; calibrate on more tokens for small alpha",
-                      stacklevel=3)
+    n = int(counts.max())
+    best = float(torch.tensor(1.0) / torch.tensor(float(n + 1)))  # as upper_tail_pvalues computes it
+    need = calibration_requirement(alpha, procedure, calibration.num_experts, calibration.top_k, model)
+    have = f"p-value resolution: the calibration's {model} null has at most {n:,} samples, so its smallest p-value is {best:.3g}"
+    cap = "max_samples_per_expert" if model == "empirical" else "max_samples_pooled"
+
+    def how(samples, tokens):
+        return (f"calibrate on >= {tokens:,} tokens with {cap} >= {samples:,} (Calibration.from_router_logits; "
+                f"experiments.calibrate(size_for=configs) sets both)")
+    if n < need.null_samples_any:
+        raise ResolutionError(
+            f"{have} > {procedure.upper()}'s largest critical value c_N = {need.critical_last:.3g} at alpha={alpha}: "
+            f"it can never select an expert (every token sits on the min_k floor). It needs >= "
+            f"{need.null_samples_any:,} null samples: {how(need.null_samples_any, need.tokens_any)}, or raise alpha.")
+    if n < need.null_samples:
+        warnings.warn(
+            f"{have} > {procedure.upper()}'s smallest critical value c_1 = {need.critical_first:.3g} at alpha={alpha}: "
+            f"it cannot select a single expert on its own. For that it needs >= {need.null_samples:,} null samples: "
+            f"{how(need.null_samples, need.tokens)}.", stacklevel=4)
 
 
 def build_pvalue_model(name: str, temperature: float = 1.0, calibration: Calibration | None = None,
-                       alpha: float | None = None) -> PValueModel:
+                       alpha: float | None = None, procedure: str = "bh") -> PValueModel:
     """The p-value model ``name``: ``model(logits [T, N] float32, layer) -> p-values [T, N] float32``
-    (see ``PValueModel`` for its sparse ``tail``)."""
+    (see ``PValueModel`` for its sparse ``tail``). With ``alpha`` (and ``procedure``), a calibrated
+    model checks that its null can resolve the step-up's critical values (``_check_resolution``)."""
     from .selection import check_temperature
     check_temperature(temperature)
     if name not in PVALUE_MODELS:
         raise ValueError(f"unknown p-value model {name!r}; choose one of {PVALUE_MODELS}")
+    if temperature != 1.0 and name not in TEMPERATURE_MODELS:
+        why = ("a calibrated p-value is the rank of the logit in a null of logits: dividing both by T changes "
+               "nothing, dividing only the new logits makes the p-values invalid" if name in CALIBRATED
+               else "the z-score is scale-invariant")
+        raise ValueError(f"temperature={temperature} with pvalues={name!r}: selection is temperature-invariant "
+                         f"({why}). Use alpha to change how many experts are selected, weights_temperature to "
+                         f"sharpen or flatten the mixing weights, or pvalues='softmax', whose p-values T changes.")
     if name == "softmax":
         return _softmax_pvalues(temperature)
     if name == "zscore":
-        return _zscore_pvalues(temperature)
+        return _zscore_pvalues()
     if calibration is None:
         raise ValueError(f"p-value model {name!r} needs a calibration: build one with "
                          "Calibration.from_router_logits(...) (or `python -m bh_routing calibrate`) and pass "
                          "calibration=..., or use pvalues='zscore' / 'softmax', which need none")
     if alpha is not None:
-        _check_resolution(calibration, name, alpha)
-    return (_pooled_pvalues if name == "pooled" else _empirical_pvalues)(temperature, calibration)
+        _check_resolution(calibration, name, alpha, procedure)
+    return (_pooled_pvalues if name == "pooled" else _empirical_pvalues)(calibration)
 
 
 def compute_pvalues(router_logits: torch.Tensor, model: str = "empirical", layer: int | None = None,

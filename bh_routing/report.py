@@ -27,7 +27,7 @@ QUALITY = {  # task -> (metric, higher is better): the number a Pareto plot of t
     "hellaswag": ("acc_norm", True),
     "lambada": ("acc", True),
 }
-KNOB_COLUMNS = ("k", "alpha", "pvalues", "temperature", "min_k", "max_k", "p", "tau", "beta")
+KNOB_COLUMNS = ("k", "alpha", "pvalues", "temperature", "weights_temperature", "min_k", "max_k", "p", "tau", "beta")
 
 
 def runs_table(records: list[dict]) -> pd.DataFrame:
@@ -143,10 +143,17 @@ def _figures(folder: Path, runs: pd.DataFrame, prompts: pd.DataFrame, subtitle: 
     if len(alpha) >= 2:
         keep("alpha_sensitivity", plots.plot_alpha_sensitivity(alpha, metrics=("mean_experts", "floor_rate"),
                                                               subtitle=subtitle), "BH: α vs mean experts, per p-value model.")
-    temperature = ok[ok["group"] == "temperature"]
+    temperature = ok[ok["group"] == "temperature/softmax"]
     if len(temperature) >= 2:
-        keep("temperature_sensitivity", plots.plot_temperature_sensitivity(temperature, subtitle=subtitle),
-             "BH: temperature vs mean experts.")
+        keep("temperature_sensitivity", plots.plot_temperature_sensitivity(temperature, metrics=("floor_rate",),
+                                                                          subtitle=subtitle),
+             "BH on softmax p-values: temperature vs the share of tokens BH leaves on the floor.")
+    weights = ok[ok["group"] == "weights temperature"]
+    if len(weights) >= 2:
+        quality = [m for m in ("word_perplexity", "acc_norm", "acc") if m in weights and weights[m].notna().any()][:1]
+        keep("weights_temperature", plots.plot_temperature_sensitivity(weights, metrics=quality or ("mean_experts",),
+                                                                      x="weights_temperature", hue=None, subtitle=subtitle),
+             "BH: mixing-weights temperature at a fixed selection vs quality.")
     grid = ok[ok["group"] == "alpha x max_k"]
     if len(grid) >= 2:
         keep("alpha_maxk_heatmap", plots.plot_alpha_maxk_heatmap(grid, subtitle=subtitle), "BH: mean experts over α × max_k.")

@@ -10,10 +10,13 @@ Contract shared by every strategy
   iff ``j < counts[t]``; padded slots carry ``PAD_INDEX`` and weight 0, so they contribute nothing
   even to a kernel that does not look at ``counts`` (an in-range index never crashes or reads
   uninitialised rows, unlike an out-of-range sentinel).
-* Selection vs weights: ``temperature`` only changes *which* experts are chosen. Mixing weights are
-  the model's own softmax probabilities at T = 1 over all N experts (OLMoE's convention,
-  ``norm_topk_prob=False``); ``renormalize=True`` rescales them to sum to 1 over the chosen experts,
-  ``renormalize=None`` defers to the model family's convention (the patcher passes it in).
+* Selection vs weights: ``temperature`` only changes *which* experts are chosen, and only where the
+  selection reads probabilities (top_p, threshold, ratio, entropy, and BH/BY on ``softmax``
+  p-values; calibrated and ``zscore`` p-values are temperature-invariant and refuse T != 1).
+  Mixing weights are the model's own softmax probabilities over all N experts (OLMoE's convention,
+  ``norm_topk_prob=False``) at ``weights_temperature`` (default 1: the model's own weights; it
+  never changes the selection); ``renormalize=True`` rescales them to sum to 1 over the chosen
+  experts, ``renormalize=None`` defers to the model family's convention (the patcher passes it in).
 * Ordering: real slots are in order of preference (decreasing probability; for ``bh``/``by``
   increasing p-value with ties broken by the larger logit).
 * ``bh``/``by`` floor: when the test selects fewer than ``min_k`` experts, the remaining slots go
@@ -94,9 +97,9 @@ def check_alpha(alpha: float) -> None:
         raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
 
 
-def check_temperature(temperature: float) -> None:
+def check_temperature(temperature: float, name: str = "temperature") -> None:
     if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        raise ValueError(f"{name} must be a finite number > 0, got {temperature!r}")
 
 
 # --------------------------------------------------------------------------- ordering
@@ -263,6 +266,7 @@ class Router:
     renormalize: bool | None = None
     uniform: bool = False
     config: Mapping | None = None
+    weights_temperature: float = 1.0
 
     def __call__(self, router_logits: torch.Tensor, layer: int | None = None,
                  model_renormalizes: bool = False) -> Routing:
@@ -273,7 +277,7 @@ class Router:
         if self.uniform:
             weights = (1.0 / counts.clamp(min=1).float())[:, None].expand(order.shape)
             return _pack(order, counts, weights.contiguous())
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [T, N] the model's own weights
+        probs = _probabilities(logits, self.weights_temperature)  # [T, N] the model's own weights at T_w
         routing = _pack(order, counts, probs.gather(1, order))
         renormalize = model_renormalizes if self.renormalize is None else self.renormalize
         if renormalize:
@@ -308,6 +312,9 @@ def _prefix_strategy(name: str, knob: str, interval: str, valid: Callable[[float
                      count: Callable[[torch.Tensor, float, int], torch.Tensor]):
     """A strategy that keeps the ``count(probs [T, N], knob, max_k)`` most probable experts."""
     def make(params):
+        if knob not in params:
+            raise ValueError(f"strategy {name!r} needs {knob!r} (in {interval}), e.g. "
+                             f"{{'strategy': {name!r}, {knob!r}: {_KNOB_EXAMPLES[knob]}}}")
         value, t = params.pop(knob), params.pop("temperature", 1.0)
         if not valid(value):
             raise ValueError(f"{name} {knob} must be in {interval}, got {value}")
@@ -318,6 +325,9 @@ def _prefix_strategy(name: str, knob: str, interval: str, valid: Callable[[float
             return _top_order(logits, max_k), count(_probabilities(logits, t), value, max_k)
         return select
     return make
+
+
+_KNOB_EXAMPLES = {"tau": 0.05, "p": 0.3, "beta": 0.5}  # shown in the missing-knob error
 
 
 def _above_threshold(probs, tau, max_k):
@@ -373,7 +383,8 @@ def _stepup(procedure):
         check_alpha(alpha)
         model = params.pop("pvalues", STEPUP_DEFAULTS["pvalues"])
         t = params.pop("temperature", 1.0)
-        pvalue_model = pv.build_pvalue_model(model, temperature=t, calibration=calibration, alpha=alpha)
+        pvalue_model = pv.build_pvalue_model(model, temperature=t, calibration=calibration, alpha=alpha,
+                                             procedure=procedure)
         min_k, max_k = params["min_k"], params["max_k"]
         tables: dict[tuple[int, torch.device], torch.Tensor] = {}
 
@@ -411,7 +422,11 @@ def build_router(config: Mapping | Router, calibration: "pv.Calibration | None" 
     Common keys: ``min_k`` (default 1), ``max_k`` (default 8), ``renormalize`` (default: the
     model's convention). Per strategy: topk* ``k``; threshold ``tau``; top_p ``p``; ratio ``beta``;
     entropy ``ks``/``edges``; bh/by ``alpha``, ``pvalues`` (softmax|pooled|empirical|zscore).
-    ``temperature`` where it changes the selection. ``name`` and ``calibrated`` are informational.
+    ``temperature`` (default 1) where it changes the selection: top_p, threshold, ratio, entropy and
+    bh/by with ``pvalues="softmax"`` (the other p-value models refuse T != 1: they are
+    temperature-invariant). ``weights_temperature`` (default 1, every strategy but topk_uniform):
+    mixing weights softmax(logits / T_w), the selection unchanged. ``name`` and ``calibrated`` are
+    informational.
     """
     if isinstance(config, Router):
         return config
@@ -422,6 +437,10 @@ def build_router(config: Mapping | Router, calibration: "pv.Calibration | None" 
     if name not in ("topk", "topk_renorm", "topk_uniform"):
         params = {**ADAPTIVE_DEFAULTS, **params}
     renormalize = params.pop("renormalize", None)
+    weights_temperature = params.pop("weights_temperature", 1.0)
+    check_temperature(weights_temperature, "weights_temperature")
+    if name == "topk_uniform" and weights_temperature != 1.0:
+        raise ValueError("topk_uniform mixes with uniform weights 1/k: weights_temperature does not apply (drop it)")
     if name == "topk_renorm":
         renormalize = True
     make = STRATEGIES[name]
@@ -433,7 +452,7 @@ def build_router(config: Mapping | Router, calibration: "pv.Calibration | None" 
     if params:
         raise ValueError(f"strategy {name!r} does not take {sorted(params)}; see build_router's docstring")
     return Router(strategy=name, select=select, min_k=min_k, max_k=max_k, renormalize=renormalize,
-                  uniform=(name == "topk_uniform"), config=dict(config))
+                  uniform=(name == "topk_uniform"), config=dict(config), weights_temperature=weights_temperature)
 
 
 def route(router_logits: torch.Tensor, config: Mapping | Router, layer: int | None = None,

@@ -346,16 +346,18 @@ p-values p₁…p₆₄, sort them, find the largest k with p₍ₖ₎ ≤ (k/64
 [min_k, max_k]). Everything hinges on the p-values. Sections:
 
 1. BH explained on one real token: sorted p-values against the (k/N)·α line
-2. why naive p-values fail, on the model's own logits
+2. why naive p-values fail, on the model's own logits; the calibration's held-out quality per layer
+   and expert
 3. the four p-value models compared: α ↦ experts, per layer
 4. a baseline test on 3 prompts
-5. α sensitivity (8 values) and temperature sensitivity (7 values), with perplexity
+5. α sensitivity (8 values) and temperature where it means something: T of the `softmax` p-values
+   and T of the mixing weights at a fixed selection (5 values each), with perplexity
 6. token-level expert counts
 7. a comparative analysis on 10 prompts: paired t-test, Wilcoxon, Cohen's d, 95 % CI (unit = prompt)
 8. expert utilisation
 9. the max_k × α grid and its four plots
 10. patch vs analyze mode: analyze changes no output
-11. interactive α/T sliders
+11. interactive sliders: α and the mixing-weights temperature
 12. a computed summary, and the results folder: `bh_routing_results.json`, `comparative_results.csv`,
     `RESULTS.md`, figures, a zip
 
@@ -363,7 +365,7 @@ It uses notebook 01's calibration when the results folder has it, and calibrates
 
 **What it costs** (defaults; estimates). On a free Colab **T4** with `allenai/OLMoE-1B-7B-0924` in
 float16: ≈ 14 GiB of the T4's 15 GiB; 5–10 min to download and load the model, then ≈ 20–25 min —
-the α/temperature/max_k sweep is 55 WikiText runs of ~41k tokens each (2.25 M tokens, ≈ 19 min at an
+the α/temperature/max_k sweep is 58 WikiText runs of ~41k tokens each (2.4 M tokens, ≈ 20 min at an
 assumed ~2k tokens/s), the rest (calibration, prompts, diagnostics) a few minutes. The bundled tiny
 model on CPU: a few minutes at the `demo` budget. The sweep is checkpointed: run again to resume.'''),
     ("code", PARAMETERS_COMMON + '''\
@@ -435,6 +437,21 @@ for name in ("pooled", "zscore", "empirical"):
                      f"experts (floor {row.loc[name, 'floor_rate']:.0%}).")
 nbs.display_markdown(naive_lines)'''),
     ("md", '''\
+### Calibration quality on held-out text
+
+The calibrated p-values are valid per expert if held-out text is exchangeable with the calibration
+text: on the held-out tokens above, an expert outside the native top-8 should get P(p ≤ q) ≤ q.
+Per layer: KS distance from uniform, the worst excess F(q) − q, and P(p ≤ q)/q; then the experts
+furthest above 1 (anti-conservative).'''),
+    ("code", '''\
+from bh_routing.validity import calibration_quality
+quality_layers, quality_experts = calibration_quality(eval_sample.logits, calibration, "empirical")
+nbs.display_markdown(nbs.markdown_table(quality_layers, digits=3))
+nbs.display_markdown(nbs.markdown_table(quality_experts.groupby("layer").head(2), digits=3))
+nbs.display_markdown(f"Per layer the null p-values are at most {quality_layers['ks_excess'].max():.3f} above uniform (KS); single "
+                     f"experts range {quality_layers['expert_ratio_min@0.01'].min():.2f}–{quality_layers['expert_ratio_max@0.01'].max():.2f}"
+                     f"× nominal at q = 0.01. Dividing α by the worst ratio is a conservative per-expert choice.")'''),
+    ("md", '''\
 ## 3 · P-value models compared: the α ↦ experts map
 
 What BH *would* select (analyze-equivalent: on the native logits above, so later layers see native
@@ -468,7 +485,8 @@ nbs.display_markdown([f"{r.id}: BH uses {r.mean_experts:.2f} experts per token a
 ## 5 · α sensitivity (8 values) and temperature sensitivity (7 values)
 
 The deep-dive sweep, in patch mode on WikiText-2 (the budget's articles): native top-8; BH with each
-p-value model at 8 values of α; BH (`empirical`, α = 0.05) at 7 temperatures; BH over max_k × α
+p-value model at 8 values of α; BH on `softmax` p-values at 5 temperatures; BH (`empirical`, α = 0.05) with
+the mixing weights at 5 temperatures; BH over max_k × α
 (section 9) and top-k at k = 16, 32, 64. Each finished run is checkpointed in the results folder:
 re-running resumes.'''),
     ("code", '''\
@@ -498,17 +516,28 @@ if len(chosen):
         f"{chosen['alpha'].max():g} moves BH from {chosen['mean_experts'].iloc[0]:.2f} to {chosen['mean_experts'].iloc[-1]:.2f} "
         f"experts and perplexity from {chosen['word_perplexity'].iloc[0]:.4g} to {chosen['word_perplexity'].iloc[-1]:.4g}.")'''),
     ("code", '''\
-temperature_runs = ok[ok["group"] == "temperature"].copy()
+# Calibrated p-values are ranks, so their selection is temperature-invariant (T != 1 is refused).
+# T means something for softmax p-values (1 - softmax(logits / T)) and for the mixing weights.
+temperature_runs = ok[ok["group"] == "temperature/softmax"].copy()
 temperature_runs["temperature"] = temperature_runs["temperature"].astype(float)
-''' + figure("temperature_sensitivity", 'plots.plot_temperature_sensitivity(temperature_runs, metrics=("mean_experts", "word_perplexity"), hue=None, subtitle=f"{session.subtitle} · BH empirical α=0.05")',
-             "Temperature sensitivity: mean experts and word perplexity vs T.") + '''
+weights_runs = ok[ok["group"] == "weights temperature"].copy()
+weights_runs["weights_temperature"] = weights_runs["weights_temperature"].astype(float)
+''' + figure("temperature_sensitivity", 'plots.plot_temperature_sensitivity(temperature_runs, metrics=("floor_rate", "word_perplexity"), hue=None, subtitle=f"{session.subtitle} · BH softmax α=0.05")',
+             "BH on softmax p-values: share of tokens on the floor and word perplexity vs T.") + '''
+''' + figure("weights_temperature", 'plots.plot_temperature_sensitivity(weights_runs, metrics=("mean_experts", "word_perplexity"), x="weights_temperature", hue=None, subtitle=f"{session.subtitle} · BH empirical α=0.05")',
+             "Mixing-weights temperature at a fixed BH selection: mean experts and word perplexity.") + '''
 t = temperature_runs.sort_values("temperature")
-nbs.display_markdown(nbs.markdown_table(t, ["temperature", "mean_experts", "floor_rate", "ceiling_rate", "word_perplexity"], digits=4))
-if len(t):
+w = weights_runs.sort_values("weights_temperature")
+nbs.display_markdown(nbs.markdown_table(t, ["temperature", "mean_experts", "floor_rate", "word_perplexity"], digits=4))
+nbs.display_markdown(nbs.markdown_table(w, ["weights_temperature", "mean_experts", "word_perplexity"], digits=4))
+if len(t) and len(w):
     nbs.display_markdown(
-        f"Dividing the logits by T before the p-values: T = {t['temperature'].min():g} gives {t['mean_experts'].iloc[0]:.2f} experts, "
-        f"T = {t['temperature'].max():g} gives {t['mean_experts'].iloc[-1]:.2f} (floor rate {t['floor_rate'].iloc[-1]:.0%}); "
-        f"word perplexity {t['word_perplexity'].min():.4g}–{t['word_perplexity'].max():.4g} vs native {native_ppl:.4g}.")'''),
+        f"Softmax p-values: BH selects at most one expert (two probabilities cannot both exceed 1 − 2α/N), so with min_k = 1 "
+        f"every T routes to the top-1 expert ({t['mean_experts'].mean():.2f} experts); T only changes how often the test itself "
+        f"selects it: floor rate {t['floor_rate'].iloc[0]:.0%} at T = {t['temperature'].iloc[0]:g}, {t['floor_rate'].iloc[-1]:.0%} at T = "
+        f"{t['temperature'].iloc[-1]:g}. Mixing weights at T_w from {w['weights_temperature'].min():g} to {w['weights_temperature'].max():g}, "
+        f"same selection ({w['mean_experts'].min():.2f}–{w['mean_experts'].max():.2f} experts): word perplexity "
+        f"{w['word_perplexity'].iloc[0]:.4g} → {w['word_perplexity'].iloc[-1]:.4g} (native {native_ppl:.4g}).")'''),
     ("md", '''\
 ## 6 · Token-level expert counts
 
@@ -612,18 +641,19 @@ assert modes["max_abs_diff_analyze"] == 0.0 and modes["max_abs_diff_restored"] =
     ("md", '''\
 ## 11 · Interactive: re-route a prompt live
 
-Move α and T; the prompt is re-routed with BH (patch mode) and the experts per token and the next-token
-predictions update. Needs `ipywidgets` (Colab has it); skipped elsewhere.'''),
+Move α (which experts) and the mixing-weights temperature T (how they are weighted; the selection
+does not depend on it); the prompt is re-routed with BH (patch mode) and the experts per token and the
+next-token predictions update. Needs `ipywidgets` (Colab has it); skipped elsewhere.'''),
     ("code", '''\
 LIVE_PROMPT = comparison_prompts[5]["prompt"]
 live_info = {}
 
-def live(alpha=ALPHA, temperature=1.0):
+def live(alpha=ALPHA, weights_temperature=1.0):
     try:
-        fig, info = nbs.reroute(model, tokenizer, LIVE_PROMPT, calibration, alpha, temperature, PVALUES,
-                                subtitle=f"{session.subtitle} · BH {PVALUES} α={alpha:.3g} T={temperature:g}")
+        fig, info = nbs.reroute(model, tokenizer, LIVE_PROMPT, calibration, alpha, weights_temperature, PVALUES,
+                                subtitle=f"{session.subtitle} · BH {PVALUES} α={alpha:.3g} weights T={weights_temperature:g}")
     except ValueError as error:  # e.g. an α below what the calibration can resolve
-        print(f"α = {alpha:.3g}, T = {temperature:g}: {error}")
+        print(f"α = {alpha:.3g}, weights T = {weights_temperature:g}: {error}")
         return
     live_info.update(info)
     nbs.show(fig)
@@ -637,8 +667,10 @@ try:
 except ImportError:
     widgets = None
 if INTERACTIVE and widgets is not None:
-    widgets.interact(live, alpha=widgets.FloatLogSlider(value=ALPHA, base=10, min=-3, max=0, step=0.1, description="α"),
-                     temperature=widgets.FloatSlider(value=1.0, min=0.25, max=5.0, step=0.25, description="T"))
+    (alpha_low, alpha_high), (t_low, t_high) = nbs.LIVE_SLIDERS["alpha"], nbs.LIVE_SLIDERS["weights_temperature"]
+    widgets.interact(live, alpha=widgets.FloatLogSlider(value=ALPHA, base=10, min=np.log10(alpha_low), max=np.log10(alpha_high),
+                                                        step=0.1, description="α"),
+                     weights_temperature=widgets.FloatSlider(value=1.0, min=t_low, max=t_high, step=0.25, description="weights T"))
 else:
     print("sliders skipped: " + ("INTERACTIVE = False" if not INTERACTIVE else "ipywidgets is not installed"))'''),
     ("md", "## 12 · Summary (computed from this run)"),
@@ -662,7 +694,8 @@ nbs.display_markdown(summary_lines)'''),
 results = {"session": session.describe(), "calibration": {"how": how, **calibration.metadata}, "alpha": ALPHA, "pvalues": PVALUES,
            "one_token": {"layer": explanation.layer, "k_star": explanation.k_star, "k_selected": explanation.k_selected,
                          "table": explanation.table.head(16).to_dict("records"), "all_models": one_token.to_dict("records")},
-           "naive_pvalues": by_model.to_dict("records"), "alpha_curve": curve.to_dict("records"),
+           "naive_pvalues": by_model.to_dict("records"), "calibration_quality": quality_layers.to_dict("records"),
+           "worst_experts": quality_experts.to_dict("records"), "alpha_curve": curve.to_dict("records"),
            "baseline_test": baseline_test.to_dict("records"), "comparative_tests": tests.to_dict("records"),
            "expert_balance": balance.to_dict("records"), "patch_vs_analyze": modes,
            "sweep": {"folder": str(SWEEP), "runs": ok.drop(columns=["error"], errors="ignore").to_dict("records"), "failed": len(failed)},
@@ -676,7 +709,9 @@ nbs.write_report(FOLDER / "RESULTS.md", "BH routing deep dive (notebook 02)", se
     "## α needed per p-value model", nbs.markdown_table(reach, digits=3),
     "## Baseline test (3 prompts)", nbs.markdown_table(baseline_test, digits=3),
     "## α sensitivity (patch mode, WikiText)", nbs.markdown_table(pivot.reset_index(), digits=4),
-    "## Temperature sensitivity", nbs.markdown_table(t, ["temperature", "mean_experts", "floor_rate", "word_perplexity"], digits=4),
+    "## Calibration quality (held-out, per layer)", nbs.markdown_table(quality_layers, digits=3),
+    "## Temperature: softmax p-values", nbs.markdown_table(t, ["temperature", "mean_experts", "floor_rate", "word_perplexity"], digits=4),
+    "## Temperature: mixing weights (selection fixed)", nbs.markdown_table(w, ["weights_temperature", "mean_experts", "word_perplexity"], digits=4),
     "## Comparative analysis (10 prompts, unit = prompt)", nbs.markdown_table(tests, ["metric", "n", "mean_baseline", "mean_candidate",
         "mean_difference", "ci_low", "ci_high", "t_pvalue", "wilcoxon_pvalue", "cohens_dz"], digits=3),
     "## Expert balance", nbs.markdown_table(balance, digits=3),

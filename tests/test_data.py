@@ -269,3 +269,28 @@ def test_data_module_imports_neither_torch_nor_datasets():
             "print('torch' in sys.modules, 'datasets' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_wikitext_split_owns_calibration_and_evaluation_articles():
+    articles = data.load_wikitext_documents().records
+    evaluation, calibration = data.wikitext_split("evaluation"), data.wikitext_split("calibration")
+    assert len(calibration) == data.WIKITEXT_CALIBRATION_ARTICLES
+    assert evaluation.records + calibration.records == articles  # a partition, in order
+    assert data.wikitext_split("all").records == articles
+    shuffled = data.wikitext_split("evaluation", n=len(evaluation), seed=3).records
+    assert shuffled != evaluation.records and sorted(map(str, shuffled)) == sorted(map(str, evaluation.records))
+    assert evaluation.provenance.part == "evaluation" and "calibration text included" in data.wikitext_split("all").provenance.note
+    with pytest.raises(ValueError, match="part must be one of"):
+        data.wikitext_split("train")
+
+
+def test_wikitext_evaluation_never_scores_calibration_text_unless_asked():
+    from bh_routing import evaluation as ev
+    calibration = data.wikitext_split("calibration").records
+    docs, provenance = ev.load_docs("wikitext", n=50, seed=1)  # every evaluation article, shuffled
+    assert len(docs) == 50 and not any(d in calibration for d in docs) and provenance["part"] == "evaluation"
+    with pytest.raises(data.DataUnavailableError):
+        ev.load_docs("wikitext", n=51, seed=1)
+    with pytest.warns(UserWarning, match="calibrated on"):
+        docs, provenance = ev.load_docs("wikitext", seed=1, wikitext_part="all")
+    assert provenance["part"] == "all" and sum(d in calibration for d in docs) == len(calibration)

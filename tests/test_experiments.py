@@ -77,7 +77,10 @@ def test_presets_cover_the_seed_grids():
     budget = ex.BUDGETS["colab"]
     deep = ex.bh_deep_dive(budget)
     assert len([r for r in deep if r.group.startswith("alpha/")]) == 8 * 4
-    assert sorted({r.routing["temperature"] for r in deep if r.group == "temperature"}) == [0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0]
+    softmax = [r.routing for r in deep if r.group == "temperature/softmax"]
+    assert {c["pvalues"] for c in softmax} == {"softmax"} and len({c["temperature"] for c in softmax}) == 5
+    weights = [r.routing for r in deep if r.group == "weights temperature"]
+    assert len({c["weights_temperature"] for c in weights}) == 5 and not any("temperature" in c for c in weights)
     assert len([r for r in deep if r.group == "alpha x max_k"]) == 12
     full = ex.full_experiments(budget)
     assert {r.task for r in full} == {"wikitext", "hellaswag", "lambada"}
@@ -133,3 +136,12 @@ def test_demo_command_runs_end_to_end(tmp_path):
     native = [r for r in records if r["label"] == "native top-8" and r["task"] == "wikitext"][0]
     assert native["experts"]["mean_experts"] == 8.0
     assert summary["headline"][0]["native_top8"] == pytest.approx(native["metrics"]["word_perplexity"])
+
+
+def test_calibration_size_follows_the_smallest_critical_value_of_the_sweep():
+    from bh_routing.pvalues import calibration_requirement
+    configs = [{"strategy": "bh", "alpha": 0.05}, {"per_layer": {0: {"strategy": "by", "alpha": 0.02}}},
+               {"strategy": "bh", "pvalues": "zscore", "alpha": 1e-6}, {"strategy": "topk", "k": 8}]
+    need = calibration_requirement(0.02, "by", 64, 8, "empirical")
+    assert ex.calibration_size(configs, 64, 8) == (need.tokens, need.null_samples)
+    assert ex.calibration_size([{"strategy": "top_p", "p": 0.3}], 64, 8) == (0, 0)

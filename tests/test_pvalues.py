@@ -1,4 +1,6 @@
 """P-value models and calibration against numpy/scipy references."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -29,14 +31,13 @@ def test_empirical_null_is_the_experts_non_routed_logits():
 
 
 @pytest.mark.parametrize("model", ["empirical", "pooled"])
-@pytest.mark.parametrize("temperature", [1.0, 1.5])
-def test_calibrated_pvalues_match_numpy_ecdf(model, temperature):
+def test_calibrated_pvalues_match_numpy_ecdf(model):
     cal, _ = _calibration(max_samples_per_expert=1000, max_samples_pooled=5000)
     x = torch.randn(300, 64) * 2
     x[0, :4] = cal.empirical[1, :4, 0]  # exact ties with null values: ">=" must count them
-    p = compute_pvalues(x, model, layer=1, calibration=cal, temperature=temperature)
+    p = compute_pvalues(x, model, layer=1, calibration=cal)
     assert p.dtype == torch.float32
-    xs = x.numpy() / temperature
+    xs = x.numpy()
     for e in range(64):
         if model == "empirical":
             n = int(cal.empirical_counts[1, e])
@@ -132,3 +133,79 @@ def test_bh_with_empirical_pvalues_selects_more_than_softmax():
     empirical = route(x, {**config, "pvalues": "empirical"}, layer=0, calibration=cal)
     softmax = route(x, {**config, "pvalues": "softmax"})
     assert empirical.counts.float().mean() > 4 and softmax.counts.float().mean() < 1
+
+
+def _tail_reference(cal, model, x, cutoff):
+    """Dense p-values with everything above the cutoff dropped (what TailTable must return)."""
+    p = compute_pvalues(x, model, layer=0, calibration=cal)
+    keep = p <= torch.tensor(cutoff, dtype=torch.float32)
+    return {(int(t), int(e)): float(p[t, e]) for t, e in keep.nonzero()}
+
+
+@pytest.mark.parametrize("procedure,model,alpha", [
+    ("by", "empirical", 3e-4), ("by", "empirical", 5e-4), ("by", "pooled", 1e-4), ("bh", "empirical", 1 / 8193),
+    ("bh", "empirical", 1.3e-4)])
+def test_the_resolution_band_neither_crashes_nor_misleads(procedure, model, alpha):
+    """1/(n+1) between c_N and alpha used to crash TailTable.build; now: ResolutionError exactly when
+    1/(n+1) > c_N (the procedure's largest critical value), otherwise the sparse tail equals the dense p-values."""
+    from bh_routing.pvalues import ResolutionError, null_samples_needed
+    from bh_routing.selection import stepup_critical_values
+    cal, _ = _calibration(layers=1, tokens=10000)  # the default cap: 8192 null samples per expert
+    n = int((cal.empirical_counts if model == "empirical" else cal.pooled_counts).max())
+    c_n = float(stepup_critical_values(64, alpha, procedure)[-1])
+    x = torch.randn(400, 64) * 3
+    config = {"strategy": procedure, "pvalues": model, "alpha": alpha, "min_k": 0, "max_k": 64}
+    if float(np.float32(1) / np.float32(n + 1)) > c_n:
+        with pytest.raises(ResolutionError, match=f"c_N = {c_n:.3g}.*>= {null_samples_needed(c_n):,} null samples"):
+            route(x, config, layer=0, calibration=cal)
+    else:
+        with pytest.warns(UserWarning, match="cannot select a single expert"):
+            route(x, config, layer=0, calibration=cal)
+    table = cal.tail_table(model, 0, c_n, torch.device("cpu"))  # built directly: never an index error
+    tokens, experts, p = table.pvalues(x)
+    assert {(int(t), int(e)): float(v) for t, e, v in zip(tokens, experts, p)} == _tail_reference(cal, model, x, c_n)
+
+
+def test_by_warning_uses_by_critical_values():
+    """n = 8192 (p >= 1.22e-4): BH's c_1 = 0.03/64 = 4.7e-4 is resolvable, BY's c_1 = 0.03/(64·H_64) = 9.9e-5 is not."""
+    cal, _ = _calibration(layers=1, tokens=10000)
+    x = torch.randn(8, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        route(x, {"strategy": "bh", "alpha": 0.03}, layer=0, calibration=cal)
+    harmonic = sum(1 / i for i in range(1, 65))
+    with pytest.warns(UserWarning, match=f"BY's smallest critical value c_1 = {0.03 / 64 / harmonic:.3g}"):
+        route(x, {"strategy": "by", "alpha": 0.03}, layer=0, calibration=cal)
+
+
+def test_calibration_requirement_closed_form():
+    from bh_routing.pvalues import calibration_requirement
+    harmonic = sum(1 / i for i in range(1, 65))
+    need = calibration_requirement(0.01, "by", 64, 8, "empirical")
+    assert need.critical_first == pytest.approx(0.01 / 64 / harmonic) and need.critical_last == pytest.approx(0.01 / harmonic)
+    pooled = calibration_requirement(0.05, "bh", 64, 8, "pooled")
+    for samples, critical in ((need.null_samples, need.critical_first), (need.null_samples_any, need.critical_last),
+                              (pooled.null_samples, 0.05 / 64), (pooled.null_samples_any, 0.05)):
+        # the smallest n whose float32 p-value 1/(n+1) passes the step-up's comparison (c rounded down to float32)
+        c32 = np.float32(critical)
+        c32 = np.nextafter(c32, np.float32(0)) if float(c32) > critical else c32
+        assert float(np.float32(1) / np.float32(samples + 1)) <= float(c32) < float(np.float32(1) / np.float32(samples))
+    assert need.tokens == int(np.ceil(need.null_samples / (1 - 8 / 64)))
+    assert pooled.null_samples in (1279, 1280) and pooled.tokens == int(np.ceil(pooled.null_samples / 64))
+    # a calibration of that size really resolves c_1: no warning
+    cal, _ = _calibration(layers=1, tokens=need.tokens + 2000, max_samples_per_expert=need.null_samples)
+    assert int(cal.empirical_counts.max()) >= need.null_samples
+
+
+def test_calibrate_to_mean_k_bisects_through_the_resolution_band():
+    from bh_routing.experiments import calibrate_to_mean_k
+    cal, logits = _calibration(layers=1, tokens=10000)
+    found = calibrate_to_mean_k({"strategy": "by", "pvalues": "empirical"}, 1.2, logits, cal, iterations=40)
+    assert 1.0 <= found["calibrated"]["achieved_k"] <= 1.6
+
+
+@pytest.mark.parametrize("model", ["empirical", "pooled", "zscore"])
+def test_temperature_is_refused_where_selection_is_temperature_invariant(model):
+    cal, _ = _calibration(layers=1)
+    with pytest.raises(ValueError, match="temperature-invariant.*weights_temperature"):
+        route(torch.randn(4, 64), {"strategy": "bh", "pvalues": model, "temperature": 2.0}, layer=0, calibration=cal)

@@ -256,6 +256,11 @@ def test_padding_is_documented_and_counts_bound_real_slots():
     ({"strategy": "nonsense"}, "unknown strategy"),
     ({"strategy": "bh", "pvalues": "zscore", "alhpa": 0.1}, "does not take"),
     ({"strategy": "topk", "k": 4, "max_k": 8}, "exactly k"),
+    ({"strategy": "top_p"}, "needs 'p'"),
+    ({"strategy": "threshold", "max_k": 8}, "needs 'tau'"),
+    ({"strategy": "ratio"}, "needs 'beta'"),
+    ({"strategy": "bh", "pvalues": "zscore", "weights_temperature": 0}, "weights_temperature"),
+    ({"strategy": "topk_uniform", "k": 4, "weights_temperature": 2.0}, "uniform weights"),
 ])
 def test_bad_configs_fail_clearly(config, match):
     with pytest.raises(ValueError, match=match):
@@ -286,3 +291,13 @@ def test_gpu_matches_cpu():
                    {"strategy": "top_p", "p": 0.6}):
         cpu, gpu = route(logits, config), route(logits.cuda(), config).to("cpu")
         assert torch.equal(cpu.indices, gpu.indices) and torch.equal(cpu.counts, gpu.counts)
+
+
+@pytest.mark.parametrize("config", [{"strategy": "topk", "k": 4}, {"strategy": "top_p", "p": 0.4},
+                                    {"strategy": "bh", "pvalues": "zscore", "alpha": 0.2}])
+def test_weights_temperature_changes_weights_not_selection(config):
+    logits = torch.randn(50, 64) * 2
+    plain, hot = route(logits, config), route(logits, {**config, "weights_temperature": 2.0})
+    assert torch.equal(plain.indices, hot.indices) and torch.equal(plain.counts, hot.counts)
+    expected = torch.softmax(logits.double() / 2.0, dim=-1).gather(1, plain.indices) * plain.mask
+    torch.testing.assert_close(hot.weights.double(), expected, rtol=1e-5, atol=1e-7)

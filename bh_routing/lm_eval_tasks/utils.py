@@ -6,7 +6,9 @@ change: the documents come from `bh_routing.data` (bundled copies offline, the h
 functions, imported from the installed harness, so this path really is the harness.
 
 Which documents: the TaskManager's metadata keys `bh_n`, `bh_seed`, `bh_source` (as
-`bh_routing.data.load`'s n, seed, source). lm-eval passes the merged metadata to `custom_dataset`.
+`bh_routing.data.load`'s n, seed, source) and, for WikiText, `bh_wikitext_part` (as
+`bh_routing.data.wikitext_split`'s part; default "evaluation", the articles calibration does not use).
+lm-eval passes the merged metadata to `custom_dataset`.
 """
 from __future__ import annotations
 
@@ -38,4 +40,6 @@ def lambada_dataset(**metadata: Any) -> dict[str, datasets.Dataset]:
 
 
 def wikitext_dataset(**metadata: Any) -> dict[str, datasets.Dataset]:
-    return {"test": datasets.Dataset.from_list(_records("wikitext_documents", **metadata))}
+    articles = _data.wikitext_split(metadata.get("bh_wikitext_part", "evaluation"), source=metadata.get("bh_source", "auto"),
+                                    n=metadata.get("bh_n"), seed=metadata.get("bh_seed")).records
+    return {"test": datasets.Dataset.from_list(articles)}
