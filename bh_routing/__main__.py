@@ -116,7 +116,7 @@ def _presets(name: str, budget, calibration, logits):
 def cmd_demo(args) -> int:
     from . import experiments as ex
     from .report import build_report
-    out = _prepare_folder(args)
+    out = Path(args.out)  # prepared and locked by main()
     started = time.time()
     model, tokenizer = _load(args)
     calibration, logits = _calibration(args, model, tokenizer, out, need_logits=True)
@@ -160,7 +160,7 @@ def cmd_calibrate(args) -> int:
 def cmd_sweep(args) -> int:
     from . import experiments as ex
     from .report import build_report
-    out = _prepare_folder(args)
+    out = Path(args.out)  # prepared and locked by main()
     model, tokenizer = _load(args)
     calibration, logits = _calibration(args, model, tokenizer, out, need_logits=args.preset == "matched")
     runs = _presets(args.preset, ex.BUDGETS[args.budget], calibration, logits)
@@ -222,7 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "calibrate" and args.out is None:
         args.out = "results/calibration.safetensors"
     try:
-        return args.run(args)
+        if args.command not in ("demo", "sweep"):
+            return args.run(args)
+        from .folder import folder_lock
+        out = _prepare_folder(args)
+        with folder_lock(out):  # before loading anything: a second writer is refused at once
+            return args.run(args)
     except KeyboardInterrupt:
         print("\ninterrupted — rerun the same command to resume (finished runs are kept)", file=sys.stderr)
         return 130

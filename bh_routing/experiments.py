@@ -307,7 +307,7 @@ class SweepContext:
             if self.calibration is not None:
                 calibration = {key: value for key, value in self.calibration.metadata.items() if key != "weights"}
                 calibration["fingerprint"] = self.calibration.fingerprint()
-            self._described = {"model_id": self.model_id, "weights": weights_fingerprint(self.model),
+            self._described = {"model_id": self.model_id, "weights_fingerprint": weights_fingerprint(self.model),
                                "dtype": str(next(self.model.parameters()).dtype), "calibration": calibration,
                                "bh_routing": __version__, **self.extra}
         return self._described

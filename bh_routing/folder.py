@@ -48,6 +48,9 @@ def _describe_holder(folder: Path) -> str:
         return "a process that has not yet written its details"
 
 
+_HELD: set[Path] = set()  # folders this process holds: a nested folder_lock is a no-op
+
+
 @contextmanager
 def folder_lock(folder: str | Path, timeout: float = 0) -> Iterator[None]:
     """Hold ``folder``'s writer lock; raise FolderBusyError naming the holder after ``timeout`` seconds."""
@@ -55,6 +58,9 @@ def folder_lock(folder: str | Path, timeout: float = 0) -> Iterator[None]:
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"{folder} is a file, not a folder: pass a folder path (e.g. another --out)")
     folder.mkdir(parents=True, exist_ok=True)
+    if folder.resolve() in _HELD:
+        yield
+        return
     lock = FileLock(folder / LOCK_FILE, timeout=timeout)
     try:
         lock.acquire()
@@ -65,8 +71,10 @@ def folder_lock(folder: str | Path, timeout: float = 0) -> Iterator[None]:
         write_json(folder / LOCK_INFO, {"pid": os.getpid(), "host": socket.gethostname(),
                                         "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                         "command": " ".join(sys.argv)})
+        _HELD.add(folder.resolve())
         yield
     finally:
+        _HELD.discard(folder.resolve())
         lock.release()
 
 
