@@ -318,7 +318,8 @@ def _strided_sample(tensor: torch.Tensor, count: int) -> torch.Tensor:
 def weights_fingerprint(model) -> str:
     """A cheap, deterministic digest of the weights as loaded (names, shapes, dtypes, 64 strided
     entries and the float64 sum of every parameter): any change that moves a tensor's sum or one
-    of its sampled entries changes it. Milliseconds for the tiny model, about a second for OLMoE-1B-7B."""
+    of its sampled entries changes it. One reduction per tensor, on the weights' device (9 ms for
+    the tiny model on CPU)."""
     import hashlib
 
     digest = hashlib.sha256()
