@@ -2,12 +2,14 @@
 
   python -m bh_routing demo                     the whole pipeline, offline, on the bundled tiny OLMoE
   python -m bh_routing calibrate --model M      one native pass → calibration file for BH p-values
-  python -m bh_routing sweep --preset full --model allenai/OLMoE-1B-7B-0924 --out results/full
-  python -m bh_routing report results/full      tables, statistics, figures and REPORT.md
+  python -m bh_routing sweep --preset full --model allenai/OLMoE-1B-7B-0924   (into results/full-colab)
+  python -m bh_routing report results/full-colab  tables, statistics, figures and REPORT.md
 
 A sweep writes every finished run to <out>/results.jsonl at once; run the same command again after
-an interruption (a Colab disconnect, Ctrl-C) and it continues where it stopped. Everything is also
-logged to <out>/bh_routing.log.
+an interruption (a Colab disconnect, Ctrl-C) and it continues where it stopped. A folder holds one
+context (model and weights, dtype, calibration, budget, data, version): a sweep of another context
+is refused — use another --out, or --restart to move the old folder aside (nothing is deleted).
+Everything is also logged to <out>/bh_routing.log.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import time
 from pathlib import Path
 
 log = logging.getLogger("bh_routing")
+USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError)  # incl. FolderBusyError, ModelUnavailableError
 
 DEMO_RUNS = [  # (label, config): a cross-section of every idea, small enough for 2 CPU cores
     ("native top-8", {"strategy": "topk", "k": 8}),
@@ -45,18 +48,50 @@ def _say(message: str) -> None:
     log.info(message)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value}")
+    return value
+
+
+def _prepare_folder(args) -> Path:
+    """The sweep folder, checked before any work; with --restart the old one is moved aside."""
+    from .folder import move_aside
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a folder: pass a folder path")
+    if args.restart:
+        moved = move_aside(out)
+        if moved:
+            print(f"--restart: moved the old {out} aside to {moved}", flush=True)
+    _setup_logging(out)
+    return out
+
+
 def _load(args):
     from .models import load_model
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     return model, tokenizer
 
 
-def _calibration(args, model, tokenizer, size_for=None):
-    from .experiments import calibrate
+def _calibration(args, model, tokenizer, folder: Path | None = None, need_logits: bool = False, size_for=None):
+    """--calibration, else the folder's own calibration (a resumed sweep), else a calibration pass
+    (sized for the smallest alpha of ``size_for``, the sweep's routing configs)."""
+    from .experiments import CALIBRATION_FILE, calibrate
     from .pvalues import Calibration
     if getattr(args, "calibration", None):
         _say(f"calibration: {args.calibration}")
-        return Calibration.load(args.calibration), None
+        return Calibration.load(args.calibration, model=model), None
+    kept = folder / CALIBRATION_FILE if folder is not None else None
+    if kept is not None and kept.exists() and not need_logits:
+        calibration = Calibration.load(kept, model=model)
+        if calibration.metadata.get("max_tokens") == args.calibration_tokens:
+            _say(f"calibration: {kept} (this folder's own)")
+            return calibration, None
     started = time.time()
     calibration, logits = calibrate(model, tokenizer, max_tokens=args.calibration_tokens, model_id=args.model,
                                     size_for=size_for)
@@ -83,12 +118,10 @@ def _presets(name: str, budget, calibration, logits):
 def cmd_demo(args) -> int:
     from . import experiments as ex
     from .report import build_report
-    out = Path(args.out)
-    _setup_logging(out)
+    out = Path(args.out)  # prepared and locked by main()
     started = time.time()
     model, tokenizer = _load(args)
-    calibration, logits = _calibration(args, model, tokenizer)
-    calibration.save(out / "calibration.safetensors")
+    calibration, logits = _calibration(args, model, tokenizer, out, need_logits=True)
     budget = ex.BUDGETS[args.budget]
     matched = ex.calibrate_to_mean_k({"strategy": "bh", "pvalues": "empirical"}, 4, logits, calibration)
     configs = DEMO_RUNS + [(f"BH empirical @k̄=4 (α={matched['alpha']:.3g})", matched)]
@@ -116,6 +149,8 @@ def _summarise(records) -> None:
 
 def cmd_calibrate(args) -> int:
     out = Path(args.out)
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a folder: pass the calibration file's path (e.g. {out / 'calibration.safetensors'})")
     _setup_logging(out.parent)
     model, tokenizer = _load(args)
     calibration, _ = _calibration(args, model, tokenizer)
@@ -127,13 +162,13 @@ def cmd_calibrate(args) -> int:
 def cmd_sweep(args) -> int:
     from . import experiments as ex
     from .report import build_report
-    out = Path(args.out)
-    _setup_logging(out)
+    out = Path(args.out)  # prepared and locked by main()
     model, tokenizer = _load(args)
     budget = ex.BUDGETS[args.budget]
     planned = None if args.preset == "matched" else _presets(args.preset, budget, None, None)
     # a fixed preset's smallest alpha sizes the calibration (matched compute searches alpha afterwards)
-    calibration, logits = _calibration(args, model, tokenizer, size_for=[r.routing for r in planned or []])
+    calibration, logits = _calibration(args, model, tokenizer, out, need_logits=args.preset == "matched",
+                                       size_for=[r.routing for r in planned or []])
     runs = planned or _presets(args.preset, budget, calibration, logits)
     _say(f"sweep {args.preset}: {len(runs)} runs, budget {args.budget} → {out}")
     ex.run_sweep(ex.SweepContext(model, tokenizer, args.model, calibration), runs, out, name=args.preset,
@@ -153,26 +188,29 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def model_options(p, default_out):
+    def model_options(p, default_out, restart=True):
         p.add_argument("--model", default="tiny", help="'tiny' (bundled), a local folder or a hub id "
                                                        "such as allenai/OLMoE-1B-7B-0924 (default: tiny)")
         p.add_argument("--device", default="auto", help="auto (cuda if present), cuda or cpu")
         p.add_argument("--dtype", default="auto", help="auto (fp16 on T4, bf16 on Ampere+, fp32 on CPU), fp16, bf16, fp32")
-        p.add_argument("--out", default=default_out, help=f"output folder (default: {default_out})")
-        p.add_argument("--calibration-tokens", type=int, default=16384,
+        p.add_argument("--out", default=None, help=f"output (default: {default_out})")
+        p.add_argument("--calibration-tokens", type=_positive_int, default=16384,
                        help="tokens of held-out WikiText-2 for the p-value calibration (default 16384)")
+        if restart:
+            p.add_argument("--restart", action="store_true",
+                           help="start over: move an existing --out folder aside to <out>.old-<time> (nothing is deleted)")
 
     demo = commands.add_parser("demo", help="offline end-to-end demo on the bundled tiny model (a few minutes)")
-    model_options(demo, "results/demo")
+    model_options(demo, "results/demo-<budget>")
     demo.add_argument("--budget", default="demo", choices=["smoke", "demo"], help="how many items per task")
     demo.set_defaults(run=cmd_demo)
 
     calibrate = commands.add_parser("calibrate", help="save a calibration file for the empirical/pooled p-values")
-    model_options(calibrate, "results/calibration.safetensors")
+    model_options(calibrate, "results/calibration.safetensors", restart=False)
     calibrate.set_defaults(run=cmd_calibrate)
 
     sweep = commands.add_parser("sweep", help="run a preset sweep (resumable) and write its report")
-    model_options(sweep, "results/sweep")
+    model_options(sweep, "results/<preset>-<budget>")
     sweep.add_argument("--preset", required=True, choices=["full", "deep-dive", "matched", "prompts"])
     sweep.add_argument("--budget", default="colab", choices=["smoke", "demo", "colab", "full"],
                        help="items per task: colab fits a free T4 session, full is every item")
@@ -185,7 +223,24 @@ def main(argv: list[str] | None = None) -> int:
     report.set_defaults(run=cmd_report)
 
     args = parser.parse_args(argv)
-    return args.run(args)
+    if args.command in ("demo", "sweep") and args.out is None:
+        args.out = f"results/{getattr(args, 'preset', 'demo')}-{args.budget}"
+    elif args.command == "calibrate" and args.out is None:
+        args.out = "results/calibration.safetensors"
+    try:
+        if args.command not in ("demo", "sweep"):
+            return args.run(args)
+        from .folder import folder_lock
+        out = _prepare_folder(args)
+        with folder_lock(out):  # before loading anything: a second writer is refused at once
+            return args.run(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted — rerun the same command to resume (finished runs are kept)", file=sys.stderr)
+        return 130
+    except USER_ERRORS as error:  # bad input or state: one clear line, the traceback only in the log
+        log.info("failed", exc_info=True)
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -363,6 +363,16 @@ def wikitext_split(part: str = "evaluation", source: str = "auto", n: int | None
     return Dataset("wikitext_documents", _subset(records, n, seed), provenance)
 
 
+def data_versions(names: Iterable[str], source: str = "auto") -> dict[str, str]:
+    """What ``load(name, source)`` would read, per dataset: "bundled sha256:<digest>" (the bundled
+    copy's uncompressed content) or "hub <location>" (unversioned). A sweep folder stores this so
+    that results on different data are never mixed."""
+    used, _ = _resolve_source(source)
+    return {name: (f"hub {_SPECS[name].hub_location}" if used == "hub"
+                   else f"bundled sha256:{hashlib.sha256(_bundled_content(name)).hexdigest()[:16]}")
+            for name in sorted(set(names))}
+
+
 def load(name: str, source: str = "auto", n: int | None = None, seed: int | None = None) -> Dataset:
     """Load by name: "wikitext", "wikitext_documents", "hellaswag" or "lambada"."""
     loaders = {"wikitext": load_wikitext, "wikitext_documents": load_wikitext_documents,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import platform
 import re
 import time
@@ -857,7 +858,12 @@ def evaluate(model, tokenizer, task: str, *, n: int | None = None, seed: int | N
     if routing_config is None and hasattr(recorder, "routers"):
         routing_config = describe_patch(recorder)
     recorder = as_recorder(recorder)
-    max_length = int(max_length or resolve_max_length(model, tokenizer))
+    for name, value in (("n", n), ("max_length", max_length)):  # 0 would mean "nothing", not "default"
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+            raise ValueError(f"{name} must be a whole number >= 1 or None (default), got {value!r}")
+    if docs is not None and len(docs) == 0:
+        raise ValueError("docs is empty: there is nothing to evaluate (pass documents, or docs=None and n)")
+    max_length = int(max_length if max_length is not None else resolve_max_length(model, tokenizer))
     if stride is not None and not spec.uses_stride:
         raise ValueError(f"stride applies to wikitext only, not {task}")
     if docs is None:

@@ -1,9 +1,12 @@
 """Sweeps: routing configurations × tasks × a budget, checkpointed so that a killed sweep resumes.
 
-A :class:`Run` is data (label, routing config, task, budget); its ``run_id`` hashes the run *and* the
-sweep context (model, dtype, calibration), so a folder never mixes runs of different models.
-:func:`run_sweep` skips runs already in ``results.jsonl``, records a failing run (OOM, NaN, bad
-config) with its error and goes on. Presets reproduce the seed notebooks' grids.
+A :class:`Run` is data (label, routing config, task, budget), checked when it is made; its ``run_id``
+hashes the run *and* the sweep context (model and weights, dtype, calibration, data, version).
+:func:`run_sweep` checks every run before the first one starts, refuses a folder that holds another
+context (see ``folder``) or that another sweep is writing, skips runs already in ``results.jsonl``,
+and records a failing run with its error and goes on. A *transient* failure (out of memory, a full
+disk, any OSError) runs again on the next resume; a permanent one (NaN, a bug) only with
+``retry_failed``. Presets reproduce the seed notebooks' grids.
 
 Calibration text and WikiText evaluation text are the two parts of ``data.wikitext_split``, so no
 evaluated token was seen by calibration.
@@ -13,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import time
 import traceback
 import warnings
@@ -23,11 +27,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from .folder import claim_context, folder_lock, move_aside
 from .pvalues import CALIBRATED, Calibration, ResolutionError, calibration_requirement
-from .selection import build_router
-from .store import ResultStore, write_json
+from .selection import as_real, build_router
+from .store import ResultStore, latest_by_run, write_json
 
 TASKS = ("wikitext", "hellaswag", "lambada", "prompts")
+CALIBRATION_FILE = "calibration.safetensors"  # a sweep folder keeps the calibration of its context
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,36 @@ class Run:
     max_length: int | None = None
     new_tokens: int = 0  # prompts: greedy tokens generated per prompt
     group: str = ""  # what the run belongs to in a preset (e.g. "alpha", "matched k=4")
+
+    def __post_init__(self):
+        def fail(problem):
+            raise ValueError(f"Run {self.label!r}: {problem}")
+
+        def whole(name, value, low, allow_none=True):
+            if value is None and allow_none:
+                return None
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                fail(f"{name} must be a whole number >= {low}{' or None' if allow_none else ''}, got {value!r}")
+            return int(value)
+
+        if not isinstance(self.label, str) or not self.label.strip():
+            raise ValueError(f"Run label must be a non-empty string, got {self.label!r}")
+        if not isinstance(self.routing, Mapping):
+            fail(f"routing must be a dict (a build_router config or {{'per_layer': {{layer: config}}}}), "
+                 f"got {self.routing!r}")
+        if "per_layer" in self.routing and not (isinstance(self.routing["per_layer"], Mapping)
+                                                and all(isinstance(c, Mapping) for c in self.routing["per_layer"].values())):
+            fail("routing['per_layer'] must map layer indices to routing configs")
+        if self.task not in TASKS:
+            fail(f"unknown task {self.task!r}; choose one of {TASKS}")
+        if not isinstance(self.group, str):
+            fail(f"group must be a string, got {self.group!r}")
+        for name, low in (("n", 1), ("max_length", 1)):  # n=0 has no metric; max_length 0 is no input
+            object.__setattr__(self, name, whole(name, getattr(self, name), low))
+        if self.seed is not None:
+            object.__setattr__(self, "seed", whole("seed", self.seed, 0))
+        minimum = 1 if self.task == "prompts" else 0
+        object.__setattr__(self, "new_tokens", whole("new_tokens", self.new_tokens, minimum, allow_none=False))
 
     def run_id(self, context: Mapping) -> str:
         blob = json.dumps({"run": asdict(self), "context": dict(context)}, sort_keys=True, default=str)
@@ -67,6 +103,7 @@ BUDGETS = {
 
 # --------------------------------------------------------------------------- matched compute
 
+MEAN_K_TOLERANCE = 0.1  # experts per token: a farther "matched" knob is reported as unreachable
 KNOBS = {  # strategy -> (knob, low, high, log-scale search, mean k increases with the knob)
     "bh": ("alpha", 1e-6, 1.0, True, True),
     "by": ("alpha", 1e-6, 1.0, True, True),
@@ -95,9 +132,16 @@ def calibrate_to_mean_k(config: Mapping, target_k: float, router_logits: Sequenc
     """Find the knob (α, p, τ, β) with which ``config`` uses ``target_k`` experts per token on the
     calibration logits (``router_logits[layer]`` [T, N]), globally or per layer. Returns the config
     (or ``{"per_layer": {layer: config}}``) with ``achieved_k`` recorded under ``"calibrated"``."""
-    strategy = config["strategy"]
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a routing config dict, got {config!r}")
+    strategy = config.get("strategy")
     if strategy not in KNOBS:
         raise ValueError(f"calibrate_to_mean_k supports {sorted(KNOBS)}, not {strategy!r}")
+    target_k = as_real(target_k, "target_k")
+    min_k, max_k = (as_real(config.get(bound, default), bound) for bound, default in (("min_k", 1), ("max_k", 8)))
+    if not min_k <= target_k <= max_k:
+        raise ValueError(f"target_k={target_k:g} is unreachable: {strategy} is clamped to [min_k, max_k] = "
+                         f"[{min_k:g}, {max_k:g}] experts per token")
     if per_layer:
         return {"per_layer": {layer: calibrate_to_mean_k_layers(config, target_k, router_logits, calibration, [layer],
                                                                 iterations) for layer in range(len(router_logits))},
@@ -119,6 +163,11 @@ def calibrate_to_mean_k_layers(config, target_k, router_logits, calibration, lay
         else:
             high = mid
     candidate, k = best
+    if abs(k - target_k) > MEAN_K_TOLERANCE:
+        where = "all layers" if layers is None else f"layer(s) {list(layers)}"
+        warnings.warn(f"calibrate_to_mean_k: {config['strategy']} reaches mean k {k:.3f}, not the target {target_k:g}, "
+                      f"on {where} ({knob}={candidate[knob]:.4g} is the closest); the run will not be matched "
+                      "in compute", stacklevel=3)
     return {**candidate, "calibrated": {"target_k": target_k, "achieved_k": round(k, 4), "knob": knob}}
 
 
@@ -239,8 +288,14 @@ def calibrate(model, tokenizer, max_tokens: int = 32768, window: int = 512, mode
 
     ``size_for``: the routing configs of the sweep the calibration serves; ``max_tokens`` and the
     per-expert null size grow to what its smallest α needs (``calibration_size``), with a warning when
-    the calibration articles hold fewer tokens than that."""
+    the calibration articles hold fewer tokens than that. The metadata records the model (id, a sample
+    of its weights) so that the calibration is refused on another model (``Calibration.load(path, model=...)``)."""
     from .patching import collect_router_logits, find_moe_blocks
+    from .pvalues import model_metadata
+    for name, value in (("max_tokens", max_tokens), ("window", window)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"calibration {name} must be a whole number of tokens >= 1, got {value!r}")
+    requested_tokens = max_tokens
     block = find_moe_blocks(model)[0]
     samples_per_expert = 8192
     if size_for:
@@ -256,7 +311,8 @@ def calibrate(model, tokenizer, max_tokens: int = 32768, window: int = 512, mode
     with torch.no_grad():
         logits = collect_router_logits(model, batches, max_tokens=max_tokens)
     meta = {"model": model_id or getattr(model.config, "_name_or_path", ""),
-            "data": "wikitext-2-raw-v1 test, calibration articles (data.wikitext_split)", "tokens": int(logits[0].shape[0])}
+            "data": "wikitext-2-raw-v1 test, calibration articles (data.wikitext_split)", "tokens": int(logits[0].shape[0]),
+            "max_tokens": int(requested_tokens), **model_metadata(model)}
     return Calibration.from_router_logits(logits, top_k=block.top_k, max_samples_per_expert=samples_per_expert,
                                           metadata=meta), logits
 
@@ -266,15 +322,64 @@ def calibrate(model, tokenizer, max_tokens: int = 32768, window: int = 512, mode
 
 @dataclass
 class SweepContext:
+    """What every run of a sweep shares. A calibration made on another model is refused here."""
     model: Any
     tokenizer: Any
     model_id: str
     calibration: Calibration | None = None
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        if self.calibration is not None:
+            self.calibration.check_model(self.model)
+        self._described = None
+
     def describe(self) -> dict:
-        return {"model_id": self.model_id, "dtype": str(next(self.model.parameters()).dtype),
-                "calibration": (self.calibration.metadata if self.calibration else None), **self.extra}
+        """The context a run id hashes (the folder's context adds the budget and data versions)."""
+        if self._described is None:
+            from . import __version__
+            from .models import weights_fingerprint
+            calibration = None
+            if self.calibration is not None:
+                calibration = {key: value for key, value in self.calibration.metadata.items() if key != "weights"}
+                calibration["fingerprint"] = self.calibration.fingerprint()
+            self._described = {"model_id": self.model_id, "weights_fingerprint": weights_fingerprint(self.model),
+                               "dtype": str(next(self.model.parameters()).dtype), "calibration": calibration,
+                               "bh_routing": __version__, **self.extra}
+        return self._described
+
+
+def budget_of(runs: Sequence) -> dict:
+    """{task: its items/max_length/seed (prompts: new tokens)} of ``runs`` (Runs or their records);
+    one setting per task, or ValueError: a folder's report compares the runs of a task item by item."""
+    settings: dict[str, dict] = {}
+    for run in runs:
+        get = run.get if isinstance(run, Mapping) else lambda key: getattr(run, key)
+        task = get("task")
+        value = ({"new_tokens": get("new_tokens")} if task == "prompts"
+                 else {"n": get("n"), "max_length": get("max_length"), "seed": get("seed")})
+        if settings.setdefault(task, value) != value:
+            raise ValueError(f"runs of task {task!r} use different budgets ({settings[task]} and {value}): a sweep "
+                             "folder holds one budget per task; put the others in another folder")
+    return settings
+
+
+def check_runs(context: SweepContext, runs: Sequence) -> None:
+    """Every run's config, built for this model and calibration, before any work: ValueError listing
+    all invalid runs (nothing is run), so one bad run never stops a sweep half-way."""
+    problems = []
+    for index, run in enumerate(runs):
+        if not isinstance(run, Run):
+            problems.append(f"runs[{index}]: not a Run but {run!r}")
+            continue
+        try:
+            _patch(context, run.routing)  # builds every router; nothing is applied to the model
+        except (ValueError, TypeError, KeyError, IndexError) as error:
+            problems.append(f"runs[{index}] {run.label!r} ({run.task}): {error}")
+    if problems:
+        raise ValueError(f"{len(problems)} of {len(runs)} runs are invalid; nothing was run:\n  "
+                         + "\n  ".join(problems))
+    budget_of(runs)
 
 
 def _patch(context: SweepContext, routing: Mapping):
@@ -347,31 +452,81 @@ def execute_prompts(context: SweepContext, run: Run, run_dir: Path) -> dict:
             **limits, "tokens_per_s": new / seconds, "generated_tokens": new, "seconds_generate": seconds}
 
 
+def is_transient(error: BaseException) -> bool:
+    """A failure of resources, not of the run — out of memory (host or GPU) or any OSError (a full
+    disk, an I/O error) — runs again on the next resume."""
+    return (isinstance(error, (OSError, MemoryError, torch.cuda.OutOfMemoryError))
+            or "out of memory" in str(error).lower())
+
+
+def _artifacts(folder: Path, record: Mapping) -> list[Path]:
+    base = folder / "runs" / record["run_id"]
+    return [base.with_suffix(".json")] + ([] if record.get("task") == "prompts" else [base.with_suffix(".npz")])
+
+
+def _needs_running(record: Mapping | None, folder: Path, retry_failed: bool) -> bool:
+    if record is None:
+        return True
+    if record["status"] == "failed":
+        return retry_failed or bool(record.get("transient"))
+    return not all(path.exists() for path in _artifacts(folder, record))
+
+
+def _execute(context: SweepContext, run: Run, run_id: str, folder: Path, described: dict) -> dict:
+    started = time.time()
+    record = {"run_id": run_id, **asdict(run), "strategy": run.routing.get("strategy"), "context": described}
+    try:
+        execute = execute_prompts if run.task == "prompts" else execute_eval
+        record |= {"status": "ok", **execute(context, run, folder / "runs" / run_id)}
+    except Exception as error:  # an OOM, NaN or full disk fails this run, not the sweep
+        if isinstance(error, torch.cuda.OutOfMemoryError):
+            torch.cuda.empty_cache()
+        record |= {"status": "failed", "transient": is_transient(error), "error": f"{type(error).__name__}: {error}",
+                   "traceback": traceback.format_exc(limit=4)}
+    return record | {"seconds": round(time.time() - started, 3), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
 def run_sweep(context: SweepContext, runs: Sequence[Run], out: str | Path, retry_failed: bool = False,
-              progress: bool = True, name: str = "sweep") -> list[dict]:
-    """Run every run not yet recorded in ``out/results.jsonl``; return the latest record of each run."""
+              progress: bool = True, name: str = "sweep", lock_timeout: float = 0) -> list[dict]:
+    """Run every run not yet finished in ``out``; return the latest record of each run.
+
+    Before any work: every run is checked (``check_runs``), the folder's writer lock is taken
+    (FolderBusyError naming the other writer after ``lock_timeout`` s) and its context compared
+    (ContextMismatchError). Damaged result lines are set aside and their runs redone, as are
+    finished runs whose saved results are missing and transient failures (``is_transient``)."""
     from tqdm.auto import tqdm
-    store = ResultStore(out)
-    (store.folder / "runs").mkdir(exist_ok=True)
+    from .data import data_versions
+    runs = list(runs)
+    check_runs(context, runs)
     described = context.describe()
-    write_json(store.folder / "sweep.json", {"name": name, "context": described, "n_runs": len(runs),
-                                             "runs": [asdict(r) for r in runs]})
-    done = store.latest()
-    ids = [run.run_id(described) for run in runs]
-    todo = [(run, rid) for run, rid in zip(runs, ids)
-            if rid not in done or (retry_failed and done[rid]["status"] == "failed")]
-    for run, run_id in tqdm(todo, desc=name, disable=not progress, unit="run"):
-        started = time.time()
-        record = {"run_id": run_id, **asdict(run), "strategy": run.routing.get("strategy"), "context": described}
-        try:
-            execute = execute_prompts if run.task == "prompts" else execute_eval
-            record |= {"status": "ok", **execute(context, run, store.folder / "runs" / run_id)}
-        except Exception as error:  # an OOM, NaN or bad config fails this run, not the sweep
-            if isinstance(error, torch.cuda.OutOfMemoryError):
-                torch.cuda.empty_cache()
-            record |= {"status": "failed", "error": f"{type(error).__name__}: {error}",
-                       "traceback": traceback.format_exc(limit=4)}
-        record |= {"seconds": round(time.time() - started, 3), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        store.append(record)
-    latest = store.latest()
+    folder_context = {**described, "budget": budget_of(runs),
+                      "data": data_versions(run.task for run in runs if run.task != "prompts")}
+    with folder_lock(out, lock_timeout):
+        store = ResultStore(out)
+        records = store.records()
+        legacy = list({json.dumps(r.get("context"), sort_keys=True, default=str): r.get("context") or {}
+                       for r in records}.values())
+        claim_context(store.folder, folder_context, legacy)
+        if context.calibration is not None and not (store.folder / CALIBRATION_FILE).exists():
+            context.calibration.save(store.folder / CALIBRATION_FILE)
+        (store.folder / "runs").mkdir(exist_ok=True)
+        write_json(store.folder / "sweep.json", {"name": name, "context": described, "n_runs": len(runs),
+                                                 "runs": [asdict(r) for r in runs]})
+        done = latest_by_run(records)
+        ids = [run.run_id(described) for run in runs]
+        lost = [done[rid]["label"] for rid in ids if rid in done and done[rid]["status"] == "ok"
+                and _needs_running(done[rid], store.folder, retry_failed)]
+        if lost:
+            warnings.warn(f"{len(lost)} finished run(s) lost their saved results under {store.folder / 'runs'} and "
+                          f"run again: {lost}", stacklevel=2)
+        todo = [(run, rid) for run, rid in zip(runs, ids) if _needs_running(done.get(rid), store.folder, retry_failed)]
+        for run, run_id in tqdm(todo, desc=name, disable=not progress, unit="run"):
+            record = _execute(context, run, run_id, store.folder, described)
+            try:
+                store.append(record)
+            except OSError as error:
+                raise OSError(error.errno, f"cannot record run {run.label!r} in {store.path} ({error.strerror}); "
+                                           "free space (or fix the folder) and rerun the same sweep to resume: "
+                                           "finished runs are kept") from error
+        latest = store.latest()
     return [latest[rid] for rid in ids if rid in latest]

@@ -122,9 +122,18 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """'auto' -> cuda if available, else cpu."""
     if str(device) == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:   # pin an index: device_map wants one
-        device = torch.device("cuda", torch.cuda.current_device())
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:<index>', got {device!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} was asked for but this machine has no usable CUDA GPU "
+                             "(torch.cuda.is_available() is False): use device 'cpu' or 'auto'")
+        if device.index is None:   # pin an index: device_map wants one
+            device = torch.device("cuda", torch.cuda.current_device())
+        elif device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     return device
 
 
@@ -293,6 +302,53 @@ def _advice(plan: MemoryPlan, device: torch.device, name: str) -> str:
         todo = ("free GPU memory (e.g. restart the runtime), use a GPU with more memory, "
                 "or load_model('tiny') for the bundled demo model")
     return f"What to do: {todo}. To try {name!r} anyway, pass check_memory=False."
+
+
+# --------------------------------------------------------------------------------------------------
+# Weights identity
+# --------------------------------------------------------------------------------------------------
+
+def _strided_sample(tensor: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` entries spread evenly over the flattened tensor, float32 on CPU."""
+    flat = tensor.detach().reshape(-1)
+    index = torch.linspace(0, flat.numel() - 1, steps=min(count, flat.numel()), device=flat.device).long()
+    return flat[index].float().cpu()
+
+
+def weights_fingerprint(model) -> str:
+    """A cheap, deterministic digest of the weights as loaded (names, shapes, dtypes, 64 strided
+    entries and the float64 sum of every parameter): any change that moves a tensor's sum or one
+    of its sampled entries changes it. One reduction per tensor, on the weights' device (9 ms for
+    the tiny model on CPU)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in model.named_parameters():
+        total = torch.sum(tensor.detach(), dtype=torch.float64).item()
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|{total!r}|".encode())
+        digest.update(_strided_sample(tensor, 64).numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+def weights_sample(model, per_tensor: int = 2) -> dict[str, Any]:
+    """A dtype-tolerant identity for calibration files: a digest of the parameter names and shapes,
+    and ``per_tensor`` strided entries of every parameter (4 significant digits)."""
+    import hashlib
+
+    parameters = list(model.named_parameters())
+    structure = "|".join(f"{name}{tuple(t.shape)}" for name, t in parameters)
+    values = torch.cat([_strided_sample(t, per_tensor) for _, t in parameters]) if parameters else torch.zeros(0)
+    return {"structure": hashlib.sha256(structure.encode()).hexdigest()[:24],
+            "values": [float(f"{v:.4g}") for v in values.tolist()]}
+
+
+def same_weights(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two ``weights_sample`` results come from the same weights (up to fp16/bf16 rounding)."""
+    import numpy as np
+
+    if a.get("structure") != b.get("structure") or len(a.get("values", ())) != len(b.get("values", ())):
+        return False
+    return bool(np.allclose(a["values"], b["values"], rtol=2e-2, atol=1e-4))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -262,16 +262,18 @@ def load_or_calibrate(session: Session, model, tokenizer, need_logits: bool = Fa
     saved there. ``need_logits``: also return the
     calibration pass's per-layer router logits (matched compute searches its knobs on them) —
     re-collected on the same held-out windows when the calibration was loaded."""
-    from .patching import collect_router_logits, find_moe_blocks
-    from .pvalues import Calibration
-    blocks = find_moe_blocks(model)
+    from .patching import collect_router_logits
+    from .pvalues import Calibration, CalibrationMismatchError
     path = session.calibration_path
     if path.exists():
         calibration = Calibration.load(path)
         meta = calibration.metadata
-        if (meta.get("model") == session.model_id and calibration.num_layers == len(blocks)
-                and calibration.num_experts == blocks[0].num_experts
-                and int(meta.get("tokens", 0)) >= session.calibration_tokens):
+        try:
+            calibration.check_model(model)  # MoE shape and weights: a stale file is recalibrated, not used
+            same_model = meta.get("model") == session.model_id
+        except CalibrationMismatchError:
+            same_model = False
+        if same_model and int(meta.get("tokens", 0)) >= session.calibration_tokens:
             logits = None
             if need_logits:
                 device = next(model.parameters()).device

@@ -332,11 +332,19 @@ class RoutingPatch:
                                  f"block's {block.num_experts} experts")
         self.dispatch = {b.layer: self._resolve_dispatch(dispatch, b) for b in self.blocks} if mode == "patch" else {}
         if isinstance(record, RoutingRecorder):
-            self.recorder = record
+            self._recorder = record
         else:
-            self.recorder = RoutingRecorder() if (record or mode == "analyze") else None
+            self._recorder = RoutingRecorder() if (record or mode == "analyze") else None
         self.num_patched = 0
         self._undo: list[Callable[[], None]] | None = None
+
+    @property
+    def recorder(self) -> RoutingRecorder:
+        """What the patched forward passes routed (AttributeError when created with record=False)."""
+        if self._recorder is None:
+            raise AttributeError("this RoutingPatch records nothing (it was created with record=False): "
+                                 "create it with record=True (the default) to read .recorder")
+        return self._recorder
 
     def _resolve_dispatch(self, dispatch: str, block: MoeBlock) -> str:
         router = self.routers[block.layer]
@@ -368,8 +376,8 @@ class RoutingPatch:
         try:
             for block in self.blocks:
                 undo.append(self._patch_analyze(block) if self.mode == "analyze" else self._patch_forward(block))
-            if self.recorder is not None:
-                handles = self.recorder.attach(_base_model(self.model))
+            if self._recorder is not None:
+                handles = self._recorder.attach(_base_model(self.model))
                 undo.append(lambda: [h.remove() for h in handles])
         except BaseException:
             for restore in reversed(undo):
@@ -441,7 +449,7 @@ class RoutingPatch:
         return restore
 
     def _patch_analyze(self, block: MoeBlock) -> Callable[[], None]:
-        router, layer, recorder, cache = self.routers[block.layer], block.layer, self.recorder, {}
+        router, layer, recorder, cache = self.routers[block.layer], block.layer, self._recorder, {}
         renormalize = block.family.renormalizes(block.module)
 
         def hook(gate, args, output):
@@ -455,7 +463,7 @@ class RoutingPatch:
 
     def _make_forward(self, block: MoeBlock):
         module, family, layout, layer = block.module, block.family, block.layout, block.layer
-        router, recorder, num_experts = self.routers[layer], self.recorder, block.num_experts
+        router, recorder, num_experts = self.routers[layer], self._recorder, block.num_experts
         native = self.dispatch[layer] == "native"
         cache: dict = {}
 

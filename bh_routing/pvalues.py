@@ -62,6 +62,16 @@ FILE_FORMAT = "bh_routing.calibration/1"
 # --------------------------------------------------------------------------- calibration
 
 
+class CalibrationMismatchError(ValueError):
+    """A calibration file made on a different model than the one it is used with."""
+
+
+def model_metadata(model) -> dict:
+    """What a calibration records about its model so that ``Calibration.check_model`` can compare."""
+    from .models import weights_sample
+    return {"weights": weights_sample(model)}
+
+
 @dataclass
 class Calibration:
     """Null logit samples per layer (``pooled``) and per layer and expert (``empirical``).
@@ -132,15 +142,55 @@ class Calibration:
                             "metadata": json.dumps(self.metadata, sort_keys=True)})
 
     @classmethod
-    def load(cls, path) -> "Calibration":
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-            if header.get("format") != FILE_FORMAT:
-                raise ValueError(f"{path} is not a bh_routing calibration file (format {header.get('format')!r})")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        return cls(tensors["empirical"], tensors["empirical_counts"], tensors["pooled"],
-                   tensors["pooled_counts"], int(header["top_k"]), json.loads(header["metadata"]))
+    def load(cls, path, model=None) -> "Calibration":
+        """Read a file written by ``save``. With ``model``: refuse (CalibrationMismatchError) a
+        calibration made on another model — other MoE shape, or other weights (see ``check_model``)."""
+        from safetensors import SafetensorError, safe_open
+        redo = "recalibrate (`python -m bh_routing calibrate`, or leave --calibration out)"
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+                if header.get("format") != FILE_FORMAT:
+                    raise ValueError(f"{path} is not a bh_routing calibration file (format {header.get('format')!r}); "
+                                     f"{redo}")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            calibration = cls(tensors["empirical"], tensors["empirical_counts"], tensors["pooled"],
+                              tensors["pooled_counts"], int(header["top_k"]), json.loads(header["metadata"]))
+        except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as error:
+            raise ValueError(f"cannot read the calibration file {path} ({type(error).__name__}: {error}): "
+                             f"the file is missing or damaged; {redo}") from None
+        if model is not None:
+            calibration.check_model(model, source=str(path))
+        return calibration
+
+    def fingerprint(self) -> str:
+        """Digest of the null samples and top_k: equal fingerprints, equal p-values."""
+        import hashlib
+        digest = hashlib.sha256(f"top_k={self.top_k}".encode())
+        for tensor in (self.empirical, self.empirical_counts, self.pooled, self.pooled_counts):
+            digest.update(str((tuple(tensor.shape), tensor.dtype)).encode())
+            digest.update(tensor.contiguous().cpu().numpy().tobytes())
+        return digest.hexdigest()[:24]
+
+    def check_model(self, model, source: str = "the calibration") -> None:
+        """Raise CalibrationMismatchError unless ``model`` has this calibration's MoE shape (blocks,
+        experts, native top-k) and, where the metadata holds one, the same weights sample."""
+        from .models import same_weights, weights_sample
+        from .patching import find_moe_blocks
+        blocks = find_moe_blocks(model)
+        mine = (self.num_layers, self.num_experts, self.top_k)
+        theirs = (len(blocks), blocks[0].num_experts, blocks[0].top_k)
+        made_on = self.metadata.get("model") or "an unnamed model"
+        model_name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+        if mine != theirs:
+            raise CalibrationMismatchError(
+                f"{source} was made on {made_on} with {mine[0]} MoE layers x {mine[1]} experts, top-{mine[2]}; "
+                f"the model {model_name} has {theirs[0]} x {theirs[1]}, top-{theirs[2]}: recalibrate on this model")
+        stored = self.metadata.get("weights")
+        if stored is not None and not same_weights(stored, weights_sample(model)):
+            raise CalibrationMismatchError(
+                f"{source} was made on {made_on}, whose weights differ from those of the model {model_name} "
+                "(same shape, other weights): recalibrate on this model")
 
     def on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         """(empirical, empirical_counts, pooled, pooled_counts) on ``device``, cached."""

@@ -8,9 +8,14 @@
   prompts.csv            prompt-suite runs: one row per prompt and configuration
   analysis_summary.json  the headline numbers with the context (model, data, settings) behind them
   *.png                  figures; REPORT.md embeds them
+
+Read-only on the results: ``results.jsonl`` is never written (damaged lines are skipped and named;
+the next sweep sets them aside), and only the records of the folder's context are reported — any
+others (a folder from before contexts were stored) are counted and named in REPORT.md.
 """
 from __future__ import annotations
 
+import html
 import json
 import math
 from pathlib import Path
@@ -20,7 +25,8 @@ import pandas as pd
 
 from . import analysis, plots
 from .selection import ADAPTIVE_DEFAULTS, STEPUP_DEFAULTS
-from .store import ResultStore, write_atomic, write_json
+from .folder import PER_TASK_KEYS, read_context
+from .store import latest_by_run, read_results, write_atomic, write_json
 
 QUALITY = {  # task -> (metric, higher is better): the number a Pareto plot of that task shows
     "wikitext": ("word_perplexity", False),
@@ -60,20 +66,35 @@ def _is_native(row) -> bool:
     return row["strategy"] == "topk" and row.get("k") in (8, None)
 
 
-def paired_comparisons(folder: Path, runs: pd.DataFrame) -> pd.DataFrame:
-    """Every ok run against native top-8 on the same task, on the same items/tokens."""
+def _load_result(folder: Path, run_id: str, missing: list[str]):
+    """The run's saved EvalResult, or None (named in ``missing``) when its files are gone or damaged."""
     from .evaluation import EvalResult
+    try:
+        return EvalResult.load(folder / "runs" / run_id)
+    except (OSError, ValueError, KeyError) as error:  # np.load / json: missing or truncated files
+        missing.append(f"{run_id} ({type(error).__name__})")
+        return None
+
+
+def paired_comparisons(folder: Path, runs: pd.DataFrame, missing: list[str] | None = None) -> pd.DataFrame:
+    """Every ok run against native top-8 on the same task, on the same items/tokens. Runs whose
+    saved results are missing are skipped and listed in ``missing`` (a resumed sweep redoes them)."""
+    missing = [] if missing is None else missing
     rows = []
     ok = runs[runs["status"] == "ok"]
     for task, frame in ok[ok["task"].isin(QUALITY)].groupby("task"):
         natives = frame[frame.apply(_is_native, axis=1)]
         if natives.empty:
             continue
-        base = EvalResult.load(folder / "runs" / natives.iloc[0]["run_id"])
+        base = _load_result(folder, natives.iloc[0]["run_id"], missing)
+        if base is None:
+            continue
         for _, run in frame.iterrows():
             if run["run_id"] == natives.iloc[0]["run_id"]:
                 continue
-            other = EvalResult.load(folder / "runs" / run["run_id"])
+            other = _load_result(folder, run["run_id"], missing)
+            if other is None:
+                continue
             if not np.array_equal(base.token_ids, other.token_ids):
                 continue  # different items or max_length: not paired
             row = {"task": task, "label": run["label"], "strategy": run["strategy"],
@@ -105,10 +126,15 @@ def _markdown(frame: pd.DataFrame, columns: list[str], digits: int = 3) -> str:
     def cell(v):
         if isinstance(v, float):
             return "–" if math.isnan(v) else f"{v:.{digits}g}" if abs(v) < 1000 else f"{v:,.0f}"
-        return "–" if v is None else str(v)
-    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+        return "–" if v is None else escape(v)
+    lines = ["| " + " | ".join(escape(c) for c in frame.columns) + " |", "|" + "---|" * len(frame.columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join(lines) + "\n"
+
+
+def escape(value) -> str:
+    """Text safe inside a Markdown table cell: no HTML, no column break, one line."""
+    return html.escape(str(value)).replace("|", "\\|").replace("\n", " ").replace("\r", " ")
 
 
 def _budget(frame: pd.DataFrame) -> str:
@@ -163,16 +189,42 @@ def _figures(folder: Path, runs: pd.DataFrame, prompts: pd.DataFrame, subtitle: 
     return made
 
 
+def _settings(record: dict) -> dict:
+    return ({"new_tokens": record.get("new_tokens")} if record["task"] == "prompts"
+            else {"n": record.get("n"), "max_length": record.get("max_length"), "seed": record.get("seed")})
+
+
+def of_one_context(records: list[dict], stored: dict | None) -> tuple[list[dict], list[dict], dict]:
+    """(records of the folder's context, the others, that context). Without a stored context (an old
+    folder) the newest record's context and, per task, the newest record's budget are the folder's."""
+    if stored is None:
+        newest = records[-1].get("context") or {}
+        stored = {**newest, "budget": {r["task"]: _settings(r) for r in records}}  # the newest wins per task
+    shared = {key: value for key, value in stored.items() if key not in PER_TASK_KEYS}
+    normal = json.loads(json.dumps(shared, sort_keys=True, default=str))
+    kept, other = [], []
+    for record in records:
+        same = (json.loads(json.dumps(record.get("context") or {}, sort_keys=True, default=str)) == normal
+                and (stored.get("budget") or {}).get(record["task"], _settings(record)) == _settings(record))
+        (kept if same else other).append(record)
+    return kept, other, shared
+
+
 def build_report(folder: str | Path) -> Path:
     folder = Path(folder)
-    records = list(ResultStore(folder).latest().values())
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder: pass a sweep's --out folder")
+    records, damaged = read_results(folder)
+    records = list(latest_by_run(records).values())
     if not records:
-        raise FileNotFoundError(f"{folder} holds no results.jsonl records: run a sweep into it first")
+        raise FileNotFoundError(f"{folder} holds no usable results.jsonl records: run a sweep into it first"
+                                + (f" ({len(damaged)} damaged line(s): {damaged[0]})" if damaged else ""))
     sweep = json.loads((folder / "sweep.json").read_text()) if (folder / "sweep.json").exists() else {}
-    context = sweep.get("context") or records[0].get("context", {})
+    records, excluded, context = of_one_context(records, read_context(folder))
     runs = runs_table(records)
     prompts = prompts_table(records)
-    comparison = paired_comparisons(folder, runs)
+    missing: list[str] = []
+    comparison = paired_comparisons(folder, runs, missing)
     runs.to_csv(folder / "runs.csv", index=False)
     comparison.to_csv(folder / "comparison.csv", index=False)
     if not prompts.empty:
@@ -196,8 +248,14 @@ def build_report(folder: str | Path) -> Path:
         headline.append({"task": task, "metric": metric, "higher_is_better": higher,
                          "native_top8": None if native.empty else float(native.iloc[0][metric]),
                          "pareto_front": front[["label", "mean_experts", metric]].to_dict("records")})
+    problems = ([f"{len(damaged)} damaged line(s) of results.jsonl skipped (the next sweep into this folder "
+                 f"sets them aside and redoes their runs): " + "; ".join(str(d) for d in damaged)] if damaged else [])
+    problems += ([f"{len(excluded)} run(s) of another model, calibration or budget left out: "
+                  + ", ".join(sorted({r['label'] for r in excluded}))] if excluded else [])
+    problems += ([f"saved results missing for {len(missing)} run(s), so they are not in the paired tests "
+                  f"(a resumed sweep recomputes them): " + ", ".join(missing)] if missing else [])
     summary = {"sweep": sweep.get("name"), "context": context, "versions": versions, "n_runs": len(runs),
-               "n_failed": len(failed), "headline": headline,
+               "n_failed": len(failed), "problems": problems, "headline": headline,
                "comparisons": comparison.to_dict("records")}
     write_json(folder / "analysis_summary.json", summary)
 
@@ -207,11 +265,12 @@ def build_report(folder: str | Path) -> Path:
              f"({(context.get('calibration') or {}).get('tokens', 0)} tokens). {len(ok)} runs ok, {len(failed)} failed.", "",
              "## Executive summary", ""]
     for h in headline:
-        front = ", ".join(f"{p['label']} (k̄={p['mean_experts']:.2f}, {h['metric']}={p[h['metric']]:.4g})"
+        front = ", ".join(f"{escape(p['label'])} (k̄={p['mean_experts']:.2f}, {h['metric']}={p[h['metric']]:.4g})"
                           for p in h["pareto_front"])
         native = "–" if h["native_top8"] is None else f"{h['native_top8']:.4g}"
         lines.append(f"- **{h['task']}** ({h['metric']}, {'higher' if h['higher_is_better'] else 'lower'} is better): "
                      f"native top-8 {native}; Pareto-optimal configurations: {front}.")
+    lines += [f"- **Note:** {escape(problem)}" for problem in problems]
     lines += ["", "Numbers come from this sweep only (items, max_length and seeds in the tables and in "
               "`results.jsonl`); small budgets give wide intervals — read the CIs.", "",
               "## Results", ""]

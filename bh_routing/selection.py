@@ -27,8 +27,9 @@ Contract shared by every strategy
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -92,14 +93,36 @@ def _check_max_k_fits(max_k: int, num_experts: int) -> None:
                          f"use max_k <= {num_experts}")
 
 
-def check_alpha(alpha: float) -> None:
-    if not (isinstance(alpha, (int, float)) and 0.0 < alpha <= 1.0):
+def as_real(value: Any, name: str) -> float:
+    """A config number as float: Python, numpy or one-element torch numbers; never bool, str or None."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype == torch.bool:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
+def as_count(value: Any, name: str) -> int:
+    """A config count as int; whole floats (8.0, as JSON tools may write 8) are accepted."""
+    number = as_real(value, name)
+    if not number.is_integer():
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    return int(number)
+
+
+def check_alpha(alpha: Any) -> float:
+    """``alpha`` as float, or ValueError unless it is a number in (0, 1]."""
+    value = as_real(alpha, "alpha")
+    if not 0.0 < value <= 1.0:
         raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
+    return value
 
 
-def check_temperature(temperature: float, name: str = "temperature") -> None:
-    if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):
+def check_temperature(temperature: Any, name: str = "temperature") -> float:
+    value = as_real(temperature, name)
+    if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"{name} must be a finite number > 0, got {temperature!r}")
+    return value
 
 
 # --------------------------------------------------------------------------- ordering
@@ -296,7 +319,7 @@ def _top_order(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _topk(params):
-    k = params.pop("k", 8)
+    k = as_count(params.pop("k", 8), "k")
     for bound in ("min_k", "max_k"):
         if params.get(bound, k) != k:
             raise ValueError(f"top-k strategies use exactly k experts; got k={k} and {bound}={params[bound]} "
@@ -315,10 +338,9 @@ def _prefix_strategy(name: str, knob: str, interval: str, valid: Callable[[float
         if knob not in params:
             raise ValueError(f"strategy {name!r} needs {knob!r} (in {interval}), e.g. "
                              f"{{'strategy': {name!r}, {knob!r}: {_KNOB_EXAMPLES[knob]}}}")
-        value, t = params.pop(knob), params.pop("temperature", 1.0)
+        value, t = as_real(params.pop(knob), f"{name} {knob}"), check_temperature(params.pop("temperature", 1.0))
         if not valid(value):
             raise ValueError(f"{name} {knob} must be in {interval}, got {value}")
-        check_temperature(t)
         max_k = params["max_k"]
 
         def select(logits, layer):
@@ -379,8 +401,7 @@ def _entropy(params):
 
 def _stepup(procedure):
     def make(params, calibration=None):
-        alpha = params.pop("alpha", STEPUP_DEFAULTS["alpha"])
-        check_alpha(alpha)
+        alpha = check_alpha(params.pop("alpha", STEPUP_DEFAULTS["alpha"]))
         model = params.pop("pvalues", STEPUP_DEFAULTS["pvalues"])
         t = params.pop("temperature", 1.0)
         pvalue_model = pv.build_pvalue_model(model, temperature=t, calibration=calibration, alpha=alpha,
@@ -430,6 +451,9 @@ def build_router(config: Mapping | Router, calibration: "pv.Calibration | None" 
     """
     if isinstance(config, Router):
         return config
+    if not isinstance(config, Mapping):
+        raise TypeError(f"a routing config must be a dict such as {{'strategy': 'bh', 'alpha': 0.05}}, "
+                        f"got {config!r} ({type(config).__name__})")
     params = dict(config)
     name = params.pop("strategy", None)
     if name not in STRATEGIES:
@@ -441,8 +465,11 @@ def build_router(config: Mapping | Router, calibration: "pv.Calibration | None" 
     check_temperature(weights_temperature, "weights_temperature")
     if name == "topk_uniform" and weights_temperature != 1.0:
         raise ValueError("topk_uniform mixes with uniform weights 1/k: weights_temperature does not apply (drop it)")
+    if renormalize is not None and not isinstance(renormalize, bool):
+        raise ValueError(f"renormalize must be True, False or None (the model's convention), got {renormalize!r}")
     if name == "topk_renorm":
         renormalize = True
+    params |= {bound: as_count(params[bound], bound) for bound in ("min_k", "max_k") if bound in params}
     make = STRATEGIES[name]
     select = make(params, calibration) if name in _NEEDS_CALIBRATION else make(params)
     min_k, max_k = params.pop("min_k"), params.pop("max_k")

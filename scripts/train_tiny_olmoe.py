@@ -548,7 +548,7 @@ def main(argv=None):
     if args.bench:
         return
     if args.from_ckpt:  # same data, tokenizer and config were rebuilt above; restore the trained state
-        ck = torch.load(args.from_ckpt, weights_only=False)
+        ck = torch.load(args.from_ckpt, weights_only=True)  # tensors and plain data only: never run pickled code
         model.load_state_dict(ck["model"])
         ce_hist, aux_hist, evals, train_wall = ck["ce_hist"], ck["aux_hist"], ck["evals"], ck["train_wall"]
         loadavg_start, t_script = ck["loadavg_start"], time.time() - ck["pre_eval_wall"]

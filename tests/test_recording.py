@@ -136,4 +136,5 @@ def test_blocks_called_by_hand_are_recorded_as_one_sequence(tiny_olmoe):
 def test_record_false_keeps_no_recorder(tiny_olmoe):
     with RoutingPatch(tiny_olmoe, VARIABLE, record=False, verbose=False) as patch:
         tiny_olmoe(tiny_inputs()[0])
-    assert patch.recorder is None
+    with pytest.raises(AttributeError, match="record=False"):
+        patch.recorder.counts()
