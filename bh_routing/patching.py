@@ -112,11 +112,15 @@ class ModuleListLayout:
         return int(block.top_k)
 
     @staticmethod
-    def logits_from_call(gate, x, output, cache) -> torch.Tensor:
+    def router_gives_logits(gate) -> bool:
+        return True  # nn.Linear
+
+    @staticmethod
+    def logits_from_call(gate, x, output, gives_logits: bool) -> torch.Tensor:
         return output  # nn.Linear: the raw logits
 
     @staticmethod
-    def route(block, x, cache):
+    def route(block, x, gives_logits: bool):
         """Call the router; returns (router_logits [T, E], dtype the model mixes weights in)."""
         return block.gate(x), x.dtype
 
@@ -136,8 +140,8 @@ class ModuleListLayout:
         return dsp.moe_modules(x, pairs, block.experts)
 
     @staticmethod
-    def check_compact(block) -> None:
-        return None
+    def compact_unsupported(block) -> str | None:
+        return None  # each expert module is called: its own (offload) hooks run
 
     @staticmethod
     def output(hidden, router_logits):
@@ -164,21 +168,34 @@ class FusedLayout:
         return int(block.gate.top_k)
 
     @staticmethod
-    def logits_from_call(gate, x, output, cache) -> torch.Tensor:
-        # transformers 5.0–5.4 routers return softmax probabilities first, later ones raw logits.
-        # Decide once per router by recomputing the logits (the same op, so bit-equal if raw).
-        first = output[0]
-        if cache.get("raw") is None:
-            logits = F.linear(x, gate.weight)
-            if x.shape[0]:  # an empty batch proves nothing
-                cache["raw"] = first.shape == logits.shape and torch.equal(first, logits)
-            return logits
-        return first if cache["raw"] else F.linear(x, gate.weight)
+    def router_gives_logits(gate) -> bool:
+        """Whether the router's first output is its raw logits (transformers 5.10 on) or the softmax
+        probabilities (5.0 up to about 5.9). Asked once per router when the patch is built, outside
+        any model call (an extra op inside one would break checkpointing's recomputation), on rows
+        x and -x: raw logits of -x are minus those of x, so never two probability rows."""
+        weight = gate.weight  # [E, H]; `meta` when accelerate offloads it (its hook loads it per call)
+        device = weight.device if weight.device.type != "meta" else torch.device("cpu")
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        x = torch.randn(1, weight.shape[-1], generator=torch.Generator().manual_seed(0)).to(device, dtype)
+        with torch.no_grad():
+            first = gate.forward(torch.cat([x, -x]))[0].float()  # `forward`: no output-capture hooks
+        is_probability = bool((first >= 0).all()) and torch.allclose(first.sum(-1), torch.ones_like(first[:, 0]),
+                                                                      atol=1e-3)
+        return not is_probability
 
     @staticmethod
-    def route(block, x, cache):
+    def logits_from_call(gate, x, output, gives_logits: bool) -> torch.Tensor:
+        if gives_logits:
+            return output[0]  # the router's own logits: nothing is recomputed
+        # 5.0–5.9 return probabilities: recompute the logits with the same op; RoutingPatch refuses
+        # this when accelerate offloads the router's weight (it is `meta` outside the router's call).
+        weight = gate.weight
+        return F.linear(x.to(weight.device), weight)
+
+    @staticmethod
+    def route(block, x, gives_logits: bool):
         output = block.gate(x)  # called as a module: output_router_logits hooks see it
-        return FusedLayout.logits_from_call(block.gate, x, output, cache), output[1].dtype
+        return FusedLayout.logits_from_call(block.gate, x, output, gives_logits), output[1].dtype
 
     @staticmethod
     def native(block, x, indices, weights) -> torch.Tensor:
@@ -192,17 +209,20 @@ class FusedLayout:
         return dsp.moe_fused(x, pairs, experts.gate_up_proj, experts.down_proj, cache["gate_fn"])
 
     @staticmethod
-    def check_compact(block) -> None:
+    def compact_unsupported(block) -> str | None:
+        """Why dispatch='compact' cannot run this block (None if it can): it reads the fused weights
+        outside the experts' own call, so they must be in memory and in the usual layout."""
         experts = block.experts
         unusual = {flag: getattr(experts, flag) for flag, usual in
                    (("is_transposed", False), ("has_bias", False), ("has_gate", True),
                     ("is_concatenated", True), ("has_post_expert_norm", False))
                    if getattr(experts, flag, usual) != usual}
-        if unusual or experts.gate_up_proj.device.type == "meta":
-            raise UnsupportedModelError(
-                f"dispatch='compact' supports fused experts laid out as gate_up_proj [E, 2I, H] / "
-                f"down_proj [E, H, I] with weights in memory; {type(experts).__name__} has {unusual or 'meta weights'}: "
-                "use dispatch='native'")
+        if unusual:
+            return f"{type(experts).__name__} has {unusual} (compact supports gate_up_proj [E, 2I, H] / down_proj [E, H, I])"
+        if experts.gate_up_proj.device.type == "meta":
+            return (f"{type(experts).__name__}'s weights are offloaded (accelerate offload / device_map with "
+                    "offload: `meta` outside the experts' own call)")
+        return None
 
     @staticmethod
     def output(hidden, router_logits):
@@ -288,6 +308,20 @@ def _layer_configs(default, layers, num_blocks: int) -> dict[int, object]:
     return dict(sorted(configs.items()))
 
 
+def router_gives_logits(block: MoeBlock) -> bool:
+    """Probe ``block``'s router once (see ``FusedLayout.router_gives_logits``); refuse a router that
+    returns probabilities while accelerate offloads its weight: its logits exist only inside its call."""
+    gate = block.module.gate
+    gives_logits = block.layout.router_gives_logits(gate)
+    if not gives_logits and gate.weight.device.type == "meta":
+        raise UnsupportedModelError(
+            f"{block.name}.gate is offloaded (its weight is `meta` outside its own call) and, in this "
+            "transformers version, returns routing probabilities instead of logits, so the logits cannot be "
+            "read: load the model without offload (e.g. a smaller dtype or device_map without 'disk'/'cpu' "
+            "offload) or use transformers >= 5.10, whose routers return their logits")
+    return gives_logits
+
+
 def _base_model(model: nn.Module) -> nn.Module:
     """The module that receives attention_mask / cache for every forward (OlmoeModel in OlmoeForCausalLM)."""
     return getattr(model, "base_model", model)
@@ -331,6 +365,7 @@ class RoutingPatch:
                 raise ValueError(f"layer {block.layer}: max_k {self.routers[block.layer].max_k} exceeds the "
                                  f"block's {block.num_experts} experts")
         self.dispatch = {b.layer: self._resolve_dispatch(dispatch, b) for b in self.blocks} if mode == "patch" else {}
+        self._gives_logits = {b.layer: router_gives_logits(b) for b in self.blocks}
         if isinstance(record, RoutingRecorder):
             self.recorder = record
         else:
@@ -340,10 +375,12 @@ class RoutingPatch:
 
     def _resolve_dispatch(self, dispatch: str, block: MoeBlock) -> str:
         router = self.routers[block.layer]
+        unsupported = block.layout.compact_unsupported(block.module)
         if dispatch == "auto":  # no padded slot at fixed k: the model's own path is exact and as cheap
-            dispatch = "native" if router.min_k == router.max_k else "compact"
-        if dispatch == "compact":
-            block.layout.check_compact(block.module)
+            dispatch = "native" if router.min_k == router.max_k or unsupported else "compact"
+        if dispatch == "compact" and unsupported:
+            raise UnsupportedModelError(f"dispatch='compact' cannot run {block.name}: {unsupported}; "
+                                        "use dispatch='native' (or 'auto')")
         return dispatch
 
     # ------------------------------------------------------------------ apply / remove
@@ -441,12 +478,13 @@ class RoutingPatch:
         return restore
 
     def _patch_analyze(self, block: MoeBlock) -> Callable[[], None]:
-        router, layer, recorder, cache = self.routers[block.layer], block.layer, self.recorder, {}
+        router, layer, recorder = self.routers[block.layer], block.layer, self.recorder
+        gives_logits = self._gives_logits[layer]
         renormalize = block.family.renormalizes(block.module)
 
         def hook(gate, args, output):
             x = args[0].reshape(-1, args[0].shape[-1])  # [T, H]
-            logits = block.layout.logits_from_call(gate, x, output, cache)  # [T, E]
+            logits = block.layout.logits_from_call(gate, x, output, gives_logits)  # [T, E]
             recorder.record(layer, router(logits, layer=layer, model_renormalizes=renormalize), logits)
 
         release = self._claim(block)
@@ -456,13 +494,13 @@ class RoutingPatch:
     def _make_forward(self, block: MoeBlock):
         module, family, layout, layer = block.module, block.family, block.layout, block.layer
         router, recorder, num_experts = self.routers[layer], self.recorder, block.num_experts
-        native = self.dispatch[layer] == "native"
-        cache: dict = {}
+        native, gives_logits = self.dispatch[layer] == "native", self._gives_logits[layer]
+        cache: dict = {}  # the compact dispatch's per-block constants
 
         def forward(hidden_states: torch.Tensor):  # [B, S, H]
             hidden_states = family.prepare(module, hidden_states)
             x = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, H]
-            router_logits, weights_dtype = layout.route(module, x, cache)  # [T, E]
+            router_logits, weights_dtype = layout.route(module, x, gives_logits)  # [T, E]
             routing = router(router_logits, layer=layer, model_renormalizes=family.renormalizes(module))
             if native:  # padded slots: expert PAD_INDEX at weight 0 — correct, computed anyway
                 out = layout.native(module, x, routing.indices, routing.weights.to(weights_dtype))
@@ -477,6 +515,16 @@ class RoutingPatch:
 
 
 # =========================================================================== calibration helper
+
+
+def _input_device(model: nn.Module) -> torch.device | None:
+    """Where input ids go: the input embeddings' device; None (leave them) when accelerate offloads
+    the embeddings — its hook moves the inputs to the execution device itself."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    if weight is None:
+        weight = next(model.parameters())
+    return None if weight.device.type == "meta" else weight.device
 
 
 @torch.no_grad()
@@ -496,10 +544,10 @@ def collect_router_logits(model: nn.Module, batches: Iterable, max_tokens: int |
     context: dict = {}
     handles = []
 
-    def gate_hook(block, cache):
+    def gate_hook(block, gives_logits):
         def hook(gate, args, output):
             x = args[0].reshape(-1, args[0].shape[-1])
-            current[block.layer] = block.layout.logits_from_call(gate, x, output, cache).detach()
+            current[block.layer] = block.layout.logits_from_call(gate, x, output, gives_logits).detach()
         return hook
 
     def pre_hook(mod, args, kwargs):
@@ -509,12 +557,13 @@ def collect_router_logits(model: nn.Module, batches: Iterable, max_tokens: int |
     total = 0
     try:
         for block in blocks:
-            handles.append(block.module.gate.register_forward_hook(gate_hook(block, {})))
+            handles.append(block.module.gate.register_forward_hook(gate_hook(block, router_gives_logits(block))))
         handles.append(_base_model(model).register_forward_pre_hook(pre_hook, with_kwargs=True))
-        device = next(model.parameters()).device
+        device = _input_device(model)
         for batch in batches:
             inputs = {"input_ids": batch} if isinstance(batch, torch.Tensor) else dict(batch)
-            inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+            if device is not None:
+                inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
             inputs.setdefault("use_cache", False)
             current.clear()
             model(**inputs)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import FAMILIES, TRANSFORMERS_5, tiny_inputs, tiny_model
 from bh_routing import dispatch as dsp
 from bh_routing.patching import (RoutingPatch, UnsupportedModelError, check_transformers_version,
-                                 find_moe_blocks)
+                                 collect_router_logits, find_moe_blocks)
 from bh_routing.selection import build_router
 
 # Variable k with a good spread of counts on the tiny models (1..max_k), deterministic.
@@ -381,7 +381,77 @@ def test_compact_refuses_unusual_fused_layouts(tiny_olmoe):
     block.experts.is_transposed = True
     try:
         with pytest.raises(UnsupportedModelError, match="dispatch='native'"):
-            RoutingPatch(tiny_olmoe, variable(8), verbose=False)
-        RoutingPatch(tiny_olmoe, variable(8), dispatch="native", verbose=False)  # native is fine
+            RoutingPatch(tiny_olmoe, variable(8), dispatch="compact", verbose=False)
+        assert RoutingPatch(tiny_olmoe, variable(8), verbose=False).dispatch[0] == "native"  # auto falls back
     finally:
         block.experts.is_transposed = False
+
+
+# --------------------------------------------------------------------------- accelerate offload and device maps
+
+
+def router_returns_probabilities(model) -> bool:
+    """transformers 5.0–5.9 routers return softmax probabilities where later ones return logits."""
+    with torch.no_grad():
+        first = model(tiny_inputs()[0], output_router_logits=True).router_logits[0]
+    return bool(first.min() >= 0)
+
+
+def offloaded(model, how: str, folder):
+    """``model`` reloaded from disk with accelerate keeping its weights off the module (``meta``
+    outside each module's own call): ``cpu_offload`` or ``from_pretrained(device_map=...)`` with
+    layer 0 on disk."""
+    accelerate = pytest.importorskip("accelerate")
+    from transformers import AutoModelForCausalLM
+    model.save_pretrained(folder / "saved")
+    if how == "cpu_offload":
+        return accelerate.cpu_offload(AutoModelForCausalLM.from_pretrained(folder / "saved").eval(),
+                                      execution_device="cpu")
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "disk", "model.layers.1": "cpu",
+                  "model.norm": "cpu", "lm_head": "cpu"}
+    if "model.rotary_emb" in dict(model.named_modules()):
+        device_map["model.rotary_emb"] = "cpu"
+    return AutoModelForCausalLM.from_pretrained(folder / "saved", device_map=device_map,
+                                                offload_folder=folder / "offload").eval()
+
+
+@pytest.mark.parametrize("how", ["cpu_offload", "disk"])
+@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe"])
+def test_offloaded_models_route_exactly_as_in_memory(family, how, tmp_path):
+    """The router logits come from the router's own call: recomputing them from `gate.weight`
+    afterwards read `meta` (uninitialised memory or NaN) under offload, without an error."""
+    model = tiny_model(family)
+    input_ids, mask = tiny_inputs(left_pad=2)
+    loaded = offloaded(model, how, tmp_path)
+    assert find_moe_blocks(loaded)[0].module.gate.weight.device.type == "meta"  # really offloaded
+    if router_returns_probabilities(model):  # transformers 5.0–5.9: the logits exist only inside the call
+        with pytest.raises(UnsupportedModelError, match="offloaded.*returns routing probabilities"):
+            RoutingPatch(loaded, {"strategy": "topk", "k": 2}, verbose=False)
+        return
+    k = native_k(model)
+    for config in ({"strategy": "topk", "k": k}, variable(min(2 * k, 8))):
+        with RoutingPatch(model, config, verbose=False) as reference:
+            expected = logits(model, input_ids, attention_mask=mask)
+        with RoutingPatch(loaded, config, verbose=False) as patch:
+            assert patch.dispatch[0] == "native" or not TRANSFORMERS_5  # compact needs the weights in memory
+            got = logits(loaded, input_ids, attention_mask=mask)
+        assert (got - expected).abs().max() <= 1e-5, config
+        np.testing.assert_array_equal(patch.recorder.counts(), reference.recorder.counts())
+    assert (logits(loaded, input_ids, attention_mask=mask) - logits(model, input_ids, attention_mask=mask)
+            ).abs().max() <= 1e-6  # and restored
+    bh = {"strategy": "bh", "alpha": 0.5, "pvalues": "zscore", "max_k": 8}
+    with RoutingPatch(model, bh, mode="analyze", verbose=False) as reference:
+        logits(model, input_ids, attention_mask=mask)
+    with RoutingPatch(loaded, bh, mode="analyze", verbose=False) as patch:
+        logits(loaded, input_ids, attention_mask=mask)
+    np.testing.assert_array_equal(patch.recorder.counts(), reference.recorder.counts())
+    batches = [{"input_ids": input_ids, "attention_mask": mask}]
+    for got, expected in zip(collect_router_logits(loaded, batches), collect_router_logits(model, batches)):
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.skipif(not TRANSFORMERS_5, reason="the fused layout exists from transformers 5.0")
+def test_compact_dispatch_of_offloaded_fused_experts_is_refused_with_advice(tmp_path):
+    loaded = offloaded(tiny_model("olmoe"), "cpu_offload", tmp_path)
+    with pytest.raises(UnsupportedModelError, match="offloaded.*dispatch='native'"):
+        RoutingPatch(loaded, variable(8), dispatch="compact", verbose=False)
