@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import dispatch as dsp
-from .recording import RoutingRecorder, call_context
+from .recording import RoutingRecorder, ScopedHook, call_context
 from .selection import Router, build_router
 
 logger = logging.getLogger(__name__)
@@ -322,6 +322,11 @@ def router_gives_logits(block: MoeBlock) -> bool:
     return gives_logits
 
 
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether transformers' gradient checkpointing is on anywhere in ``model``."""
+    return any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
+
+
 def _base_model(model: nn.Module) -> nn.Module:
     """The module that receives attention_mask / cache for every forward (OlmoeModel in OlmoeForCausalLM)."""
     return getattr(model, "base_model", model)
@@ -405,6 +410,8 @@ class RoutingPatch:
         try:
             for block in self.blocks:
                 undo.append(self._patch_analyze(block) if self.mode == "analyze" else self._patch_forward(block))
+            if self.mode == "patch":
+                undo.append(self._guard_recomputation(undo).remove)
             if self.recorder is not None:
                 handles = self.recorder.attach(_base_model(self.model))
                 undo.append(lambda: [h.remove() for h in handles])
@@ -453,6 +460,28 @@ class RoutingPatch:
 
     # ------------------------------------------------------------------ per block
 
+    def _guard_recomputation(self, application: list):
+        """Gradient checkpointing recomputes each layer's forward during ``backward()``; after the
+        patch is removed that recomputation would route natively (wrong gradients, or a
+        CheckpointError). So a forward that may be recomputed — grad enabled, the model training
+        with checkpointing on — hooks its final hidden state, which receives its gradient before
+        any layer is recomputed: backward() outside this application of the patch is refused there."""
+        model = self.model
+
+        def after(module, args, output):
+            hidden = output if isinstance(output, torch.Tensor) else output[0]  # [B, S, H]
+            if not (torch.is_grad_enabled() and module.training and isinstance(hidden, torch.Tensor)
+                    and hidden.requires_grad and _checkpointing(model)):
+                return
+            def check(grad):
+                if self._undo is not application:
+                    raise RuntimeError(
+                        "backward() ran after the RoutingPatch this forward used was removed, with gradient "
+                        "checkpointing on: the recomputed layers would route natively and give wrong gradients. "
+                        "Call backward() inside the `with RoutingPatch(...)` block (or before remove()).")
+            hidden.register_hook(check)
+        return _base_model(model).register_forward_hook(ScopedHook(after, "RoutingPatch"))
+
     def _claim(self, block: MoeBlock) -> Callable[[], None]:
         _ACTIVE[block.module] = self
         return lambda: _ACTIVE.pop(block.module, None)
@@ -462,7 +491,7 @@ class RoutingPatch:
         # accelerate's hooks replace `forward` by a wrapper that calls `_old_forward`: swap the inner one.
         attr = "_old_forward" if "_old_forward" in module.__dict__ else "forward"
         had, old = attr in module.__dict__, module.__dict__.get(attr)
-        new = self._make_forward(block)
+        new = ScopedHook(self._make_forward(block), "RoutingPatch")
         release = self._claim(block)
         object.__setattr__(module, attr, new)  # an instance attribute: the class is never touched
 
@@ -488,7 +517,7 @@ class RoutingPatch:
             recorder.record(layer, router(logits, layer=layer, model_renormalizes=renormalize), logits)
 
         release = self._claim(block)
-        handle = block.module.gate.register_forward_hook(hook)
+        handle = block.module.gate.register_forward_hook(ScopedHook(hook, "RoutingPatch"))
         return lambda: (handle.remove(), release())
 
     def _make_forward(self, block: MoeBlock):

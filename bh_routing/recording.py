@@ -47,6 +47,29 @@ class _Step:
     meta: dict | None = None  # {"batch", "position", "token_id"}: np.ndarray [n] once flushed
 
 
+class ScopedHook:
+    """A function a patch or recorder installs on a model (a replaced ``forward``, a hook), refusing
+    to be copied or pickled: ``copy.deepcopy(model)`` would give a clone that still calls this
+    patch's blocks and recorder (and stays patched after the original is restored), and pickling
+    (``torch.save(model)``) cannot serialise a live patch."""
+    __slots__ = ("function", "owner")
+
+    def __init__(self, function, owner: str):
+        self.function, self.owner = function, owner
+
+    def __call__(self, *args, **kwargs):
+        return self.function(*args, **kwargs)
+
+    def _refuse(self, *args):
+        raise RuntimeError(
+            f"cannot copy or pickle a model while a {self.owner} is attached (copy.deepcopy would share its blocks "
+            "and recorder with the original, torch.save(model) cannot save it): leave the `with` block (or call "
+            "remove()) first, then copy or save the model and patch the copy; torch.save(model.state_dict()) "
+            "works while patched")
+
+    __deepcopy__ = __copy__ = __reduce_ex__ = __reduce__ = _refuse
+
+
 class RoutingRecorder:
     """Collects, per MoE layer and per real token, the routing chosen by a :class:`RoutingPatch`.
 
@@ -85,7 +108,11 @@ class RoutingRecorder:
 
     def record(self, layer: int, routing, router_logits: torch.Tensor) -> None:
         """Record one MoE block call: ``routing`` (a :class:`~bh_routing.selection.Routing` over
-        T = B*S tokens) and the ``router_logits [T, N]`` it was computed from."""
+        T = B*S tokens) and the ``router_logits [T, N]`` it was computed from. Calls made while
+        autograd runs a backward pass — gradient checkpointing recomputing a forward — are not
+        new tokens and are ignored."""
+        if torch._C._current_graph_task_id() != -1:  # inside backward (what torch.utils.checkpoint checks too)
+            return
         num_tokens = routing.counts.shape[0]
         step = self._current
         if (step is None or step.batch_size * step.seq_len != num_tokens
@@ -130,8 +157,8 @@ class RoutingRecorder:
 
         def after(mod, args, kwargs, output):
             self.end_step()
-        return [module.register_forward_pre_hook(before, with_kwargs=True),
-                module.register_forward_hook(after, with_kwargs=True, always_call=True)]
+        return [module.register_forward_pre_hook(ScopedHook(before, "RoutingRecorder"), with_kwargs=True),
+                module.register_forward_hook(ScopedHook(after, "RoutingRecorder"), with_kwargs=True, always_call=True)]
 
     # ------------------------------------------------------------------ reading
 

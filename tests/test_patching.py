@@ -455,3 +455,85 @@ def test_compact_dispatch_of_offloaded_fused_experts_is_refused_with_advice(tmp_
     loaded = offloaded(tiny_model("olmoe"), "cpu_offload", tmp_path)
     with pytest.raises(UnsupportedModelError, match="offloaded.*dispatch='native'"):
         RoutingPatch(loaded, variable(8), dispatch="compact", verbose=False)
+
+
+# --------------------------------------------------------------------------- training: checkpointing, gradients
+
+
+def parameter_grads(model, input_ids, config=None, checkpointing=None, backward_inside=True, patch_out=None):
+    """Gradients of the LM loss on ``input_ids`` (training mode), unpatched or under ``config``;
+    ``checkpointing``: None (off) or use_reentrant True / False."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    if checkpointing is None:
+        model.gradient_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing})
+    if config is None:
+        model(input_ids, labels=input_ids, use_cache=False).loss.backward()
+    else:
+        with RoutingPatch(model, config, verbose=False) as patch:
+            loss = model(input_ids, labels=input_ids, use_cache=False).loss
+            if backward_inside:
+                loss.backward()
+        if patch_out is not None:
+            patch_out.append(patch)
+        if not backward_inside:
+            loss.backward()
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_gradients_of_a_plain_backward(reentrant):
+    """The patch's first forward under checkpointing is recomputed op for op (no one-time probe
+    inside it), and the recomputation is not recorded as new tokens."""
+    input_ids, _ = tiny_inputs()
+    reference = parameter_grads(tiny_model("olmoe"), input_ids)
+    topk = parameter_grads(tiny_model("olmoe"), input_ids, {"strategy": "topk", "k": 8}, checkpointing=reentrant)
+    varied = variable(8)
+    plain_varied = parameter_grads(tiny_model("olmoe"), input_ids, varied)
+    patches = []
+    checkpointed_varied = parameter_grads(tiny_model("olmoe"), input_ids, varied, checkpointing=reentrant,
+                                          patch_out=patches)
+    for name, grad in reference.items():
+        assert torch.equal(topk[name], grad), name
+        assert torch.equal(checkpointed_varied[name], plain_varied[name]), name
+    counts = patches[0].recorder.counts()
+    assert counts.shape == (2, input_ids.numel()) and len(np.unique(counts)) > 1  # one forward's tokens
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_backward_after_leaving_the_patch_under_checkpointing_is_refused(reentrant):
+    """Its recomputation would route natively (silently different gradients with use_reentrant=True)."""
+    input_ids, _ = tiny_inputs()
+    with pytest.raises(RuntimeError, match=r"backward\(\) ran after the RoutingPatch"):
+        parameter_grads(tiny_model("olmoe"), input_ids, variable(8),
+                        checkpointing=reentrant, backward_inside=False)
+    model = tiny_model("olmoe")  # without checkpointing nothing is recomputed: backward afterwards is fine
+    inside = parameter_grads(model, input_ids, variable(8))
+    after = parameter_grads(tiny_model("olmoe"), input_ids, variable(8),
+                            backward_inside=False)
+    assert all(torch.equal(after[name], grad) for name, grad in inside.items() if grad is not None)
+
+
+# --------------------------------------------------------------------------- copies and saves
+
+
+@pytest.mark.parametrize("mode", ["patch", "analyze"])
+def test_copying_or_saving_a_patched_model_is_refused_and_works_after(tiny_olmoe, mode, tmp_path):
+    """A deep copy would keep calling the original's blocks and recorder (and stay patched)."""
+    import copy
+    input_ids, mask = tiny_inputs()
+    reference = logits(tiny_olmoe, input_ids, attention_mask=mask)
+    with RoutingPatch(tiny_olmoe, variable(8), mode=mode, verbose=False):
+        with pytest.raises(RuntimeError, match="cannot copy or pickle a model while"):
+            copy.deepcopy(tiny_olmoe)
+        with pytest.raises(RuntimeError, match="cannot copy or pickle a model while"):
+            torch.save(tiny_olmoe, tmp_path / "model.pt")
+        torch.save(tiny_olmoe.state_dict(), tmp_path / "state.pt")  # the weights are untouched: fine
+    clone = copy.deepcopy(tiny_olmoe)
+    torch.save(tiny_olmoe, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    for other in (clone, loaded):
+        assert torch.equal(logits(other, input_ids, attention_mask=mask), reference)
+    assert all(torch.equal(v, tiny_olmoe.state_dict()[k]) for k, v in torch.load(tmp_path / "state.pt").items())
