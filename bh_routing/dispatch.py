@@ -73,10 +73,14 @@ def _combine(expert_out: torch.Tensor, pairs: Pairs, dtype: torch.dtype) -> torc
     return cells.view(pairs.num_tokens, pairs.num_slots, hidden).sum(dim=1)
 
 
-def moe_modules(hidden: torch.Tensor, pairs: Pairs, experts: Sequence[Callable]) -> torch.Tensor:
-    """Mix of per-expert MLP modules: ``hidden [T, H]`` -> ``[T, H]``, P rows computed."""
+def moe_modules(hidden: torch.Tensor, pairs: Pairs, experts: Sequence[Callable],
+                call_unused: bool = False) -> torch.Tensor:
+    """Mix of per-expert MLP modules: ``hidden [T, H]`` -> ``[T, H]``, P rows computed.
+    ``call_unused``: call experts without rows too (on 0 rows), as models whose own loop does so —
+    their parameters then get zero gradients, not ``None``."""
     rows = hidden[pairs.token]  # [P, H] sorted by expert
-    outs = [experts[e](chunk) for e, chunk in enumerate(torch.split(rows, pairs.sizes)) if chunk.shape[0]]
+    outs = [experts[e](chunk) for e, chunk in enumerate(torch.split(rows, pairs.sizes))
+            if chunk.shape[0] or call_unused]
     if not outs:
         return torch.zeros_like(hidden)
     return _combine(torch.cat(outs), pairs, hidden.dtype)

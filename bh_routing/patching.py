@@ -76,9 +76,15 @@ class Family:
                                                                       1.0 + block.jitter_noise)
         return hidden_states
 
-    def finish(self, block: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        if self.shared_expert:
-            return out + torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
+    def shared(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """The shared expert's output [T, H] (None without one)."""
+        return block.shared_expert(x) if self.shared_expert else None
+
+    def finish(self, block: nn.Module, x: torch.Tensor, out: torch.Tensor,
+               shared: torch.Tensor | None) -> torch.Tensor:
+        if self.shared_expert:  # op order as the model's (backward accumulates x's gradient in reverse)
+            shared = block.shared_expert(x) if shared is None else shared
+            return out + torch.sigmoid(block.shared_expert_gate(x)) * shared
         return out
 
 
@@ -98,6 +104,7 @@ class ModuleListLayout:
     """transformers 4.46–4.57: ``gate = nn.Linear(H, E)``, ``experts = nn.ModuleList`` of MLPs;
     the block returns ``(hidden [B, S, H], router_logits [T, E])``."""
     name = "modulelist"
+    shared_expert_first = False  # Qwen2-MoE: the shared expert runs after the routed ones
 
     @staticmethod
     def matches(block) -> bool:
@@ -125,19 +132,41 @@ class ModuleListLayout:
         return block.gate(x), x.dtype
 
     @staticmethod
-    def native(block, x, indices, weights) -> torch.Tensor:
+    def calls_every_expert(block) -> bool:
+        """Whether the model's own forward calls every expert, routed to or not (4.46 loops over all
+        of them; later 4.x over the routed ones only, depending on the family). Either way the
+        patch must do the same: an expert called on no token gets a zero gradient, one never
+        called gets ``grad = None``, and optimizers skip those (no weight decay, no moment update).
+        Asked once, on an empty batch, with the original class forward."""
+        called = []
+        handles = [expert.register_forward_pre_hook(lambda module, args: called.append(module))
+                   for expert in block.experts]
+        weight = block.gate.weight  # [E, H]
+        device = weight.device if weight.device.type != "meta" else torch.device("cpu")
+        try:
+            with torch.no_grad():
+                type(block).forward(block, torch.zeros(1, 0, weight.shape[1], dtype=weight.dtype, device=device))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return len(called) == len(block.experts)
+
+    @staticmethod
+    def native(block, x, indices, weights, every_expert: bool) -> torch.Tensor:
         """transformers 4.x's own expert loop, op for op (bit-identical at the native top-k)."""
         out = torch.zeros_like(x)  # [T, H]
         expert_mask = F.one_hot(indices, num_classes=len(block.experts)).permute(2, 1, 0)  # [E, K, T]
-        for expert in (expert_mask.sum(dim=(-1, -2)) > 0).nonzero().flatten().tolist():
+        experts = (range(len(block.experts)) if every_expert
+                   else (expert_mask.sum(dim=(-1, -2)) > 0).nonzero().flatten().tolist())
+        for expert in experts:
             slot, token = torch.where(expert_mask[expert])
             current = block.experts[expert](x[token]) * weights[token, slot, None]
             out.index_add_(0, token, current.to(x.dtype))
         return out
 
     @staticmethod
-    def compact(block, x, pairs, cache) -> torch.Tensor:
-        return dsp.moe_modules(x, pairs, block.experts)
+    def compact(block, x, pairs, cache, every_expert: bool) -> torch.Tensor:
+        return dsp.moe_modules(x, pairs, block.experts, call_unused=every_expert)
 
     @staticmethod
     def compact_unsupported(block) -> str | None:
@@ -153,6 +182,7 @@ class FusedLayout:
     top-k indices)``, ``experts = *Experts`` with ``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``
     dispatched by ``config._experts_implementation``; the block returns ``hidden [B, S, H]``."""
     name = "fused"
+    shared_expert_first = True  # Qwen2-MoE: the shared expert runs before the router
 
     @staticmethod
     def matches(block) -> bool:
@@ -198,11 +228,15 @@ class FusedLayout:
         return FusedLayout.logits_from_call(block.gate, x, output, gives_logits), output[1].dtype
 
     @staticmethod
-    def native(block, x, indices, weights) -> torch.Tensor:
+    def calls_every_expert(block) -> bool:
+        return False  # one fused module: every expert weight is one parameter with a gradient
+
+    @staticmethod
+    def native(block, x, indices, weights, every_expert: bool) -> torch.Tensor:
         return block.experts(x, indices, weights)
 
     @staticmethod
-    def compact(block, x, pairs, cache) -> torch.Tensor:
+    def compact(block, x, pairs, cache, every_expert: bool) -> torch.Tensor:
         experts = block.experts
         if "gate_fn" not in cache:
             cache["gate_fn"] = getattr(experts, "_apply_gate", None) or dsp.default_gate(experts.act_fn)
@@ -524,19 +558,21 @@ class RoutingPatch:
         module, family, layout, layer = block.module, block.family, block.layout, block.layer
         router, recorder, num_experts = self.routers[layer], self.recorder, block.num_experts
         native, gives_logits = self.dispatch[layer] == "native", self._gives_logits[layer]
+        every_expert = layout.calls_every_expert(module)
         cache: dict = {}  # the compact dispatch's per-block constants
 
         def forward(hidden_states: torch.Tensor):  # [B, S, H]
             hidden_states = family.prepare(module, hidden_states)
             x = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, H]
+            shared = family.shared(module, x) if layout.shared_expert_first else None  # [T, H]
             router_logits, weights_dtype = layout.route(module, x, gives_logits)  # [T, E]
             routing = router(router_logits, layer=layer, model_renormalizes=family.renormalizes(module))
             if native:  # padded slots: expert PAD_INDEX at weight 0 — correct, computed anyway
-                out = layout.native(module, x, routing.indices, routing.weights.to(weights_dtype))
+                out = layout.native(module, x, routing.indices, routing.weights.to(weights_dtype), every_expert)
             else:
                 pairs = dsp.compact_pairs(routing.indices, routing.weights, routing.counts, num_experts)
-                out = layout.compact(module, x, pairs, cache)
-            out = family.finish(module, x, out)  # [T, H]
+                out = layout.compact(module, x, pairs, cache, every_expert)
+            out = family.finish(module, x, out, shared)  # [T, H]
             if recorder is not None:
                 recorder.record(layer, routing, router_logits)
             return layout.output(out.reshape(hidden_states.shape), router_logits)

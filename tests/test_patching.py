@@ -537,3 +537,21 @@ def test_copying_or_saving_a_patched_model_is_refused_and_works_after(tiny_olmoe
     for other in (clone, loaded):
         assert torch.equal(logits(other, input_ids, attention_mask=mask), reference)
     assert all(torch.equal(v, tiny_olmoe.state_dict()[k]) for k, v in torch.load(tmp_path / "state.pt").items())
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_training_step_at_native_k_equals_unpatched(family):
+    """Unused experts get the gradients the model's own loop gives them (zeros where it calls every
+    expert, None where it skips them), so one AdamW step with weight decay matches exactly."""
+    input_ids, _ = tiny_inputs()
+    states = []
+    for patched in (False, True):
+        model = tiny_model(family)
+        grads = parameter_grads(model, input_ids, {"strategy": "topk", "k": native_k(model)} if patched else None)
+        states.append(({name: grad is None for name, grad in grads.items()}, model))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        optimizer.step()
+    (none_reference, reference), (none_patched, patched) = states
+    assert none_patched == none_reference
+    for (name, expected), got in zip(reference.state_dict().items(), patched.state_dict().values()):
+        assert torch.equal(got, expected), name
