@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import dispatch as dsp
-from .recording import RoutingRecorder, ScopedHook, call_context
+from .recording import RoutingRecorder, ScopedHook, call_context, real_tokens
 from .selection import Router, build_router
 
 logger = logging.getLogger(__name__)
@@ -632,10 +632,8 @@ def collect_router_logits(model: nn.Module, batches: Iterable, max_tokens: int |
             inputs.setdefault("use_cache", False)
             current.clear()
             model(**inputs)
-            mask = context.get("attention_mask")
-            keep = None
-            if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-                keep = mask[:, mask.shape[1] - context["seq_len"]:].bool().reshape(-1)
+            keep = real_tokens(context["attention_mask"], context["batch_size"], context["seq_len"],
+                               context["past_len"])  # [B*S] or None
             for block in blocks:
                 logits = current[block.layer]
                 collected[block.layer].append((logits if keep is None else logits[keep.to(logits.device)]).float().cpu())

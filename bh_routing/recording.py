@@ -90,11 +90,12 @@ class RoutingRecorder:
     def begin_step(self, batch_size: int, seq_len: int, attention_mask: torch.Tensor | None = None,
                    past_len: int = 0, input_ids: torch.Tensor | None = None) -> None:
         """Start a step of ``batch_size`` sequences of ``seq_len`` new tokens after ``past_len`` cached
-        ones. ``attention_mask`` is [B, past_len + S] (or [B, S]); only its last S columns are used."""
+        ones. ``attention_mask``: [B, past_len + S] (or [B, S]; its last S columns mark real tokens), a
+        4-D mask [B, 1, S, keys] as static caches and custom masks pass (a token is real if it may
+        attend to itself, key column past_len + s), or a dict of those (transformers 5.x per
+        attention type)."""
         self.end_step()
-        keep = None
-        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] >= seq_len:
-            keep = attention_mask[:, attention_mask.shape[1] - seq_len:].bool().reshape(-1)  # [B*S]
+        keep = real_tokens(attention_mask, batch_size, seq_len, past_len)
         ids = input_ids.reshape(-1) if input_ids is not None and input_ids.numel() == batch_size * seq_len else None
         self._current = _Step(len(self._steps), "prefill" if past_len == 0 else "decode",
                               batch_size, seq_len, past_len, keep, ids)
@@ -265,11 +266,28 @@ def call_context(args: tuple, kwargs: dict) -> dict:
             "input_ids": input_ids}
 
 
+def real_tokens(mask, batch_size: int, seq_len: int, past_len: int) -> torch.Tensor | None:
+    """[B*S] bool, True for real (non-padding) tokens, from a call's attention mask; None = all real."""
+    if isinstance(mask, dict):  # transformers 5.x: {"full_attention": [B, 1, S, keys], ...}
+        mask = mask.get("full_attention", next((m for m in mask.values() if isinstance(m, torch.Tensor)), None))
+    if not isinstance(mask, torch.Tensor) or mask.shape[0] != batch_size:
+        return None
+    if mask.dim() == 2 and mask.shape[1] >= seq_len:
+        return mask[:, mask.shape[1] - seq_len:].bool().reshape(-1)
+    if mask.dim() == 4 and mask.shape[2] == seq_len and mask.shape[3] >= past_len + seq_len:
+        # A padding token's own key is masked for every query (itself included); a real one sees itself.
+        rows = torch.arange(seq_len, device=mask.device)
+        own = mask[:, 0, rows, past_len + rows]  # [B, S]
+        allowed = own if own.dtype == torch.bool else own > torch.finfo(own.dtype).min / 2  # additive float mask
+        return allowed.reshape(-1)
+    return None
+
+
 def _past_length(kwargs: dict, mask, seq_len: int) -> int:
     cache_position = kwargs.get("cache_position")
     if isinstance(cache_position, torch.Tensor) and cache_position.numel():
         return int(cache_position.reshape(-1)[0])
-    cache = kwargs.get("past_key_values")
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))  # transformers 5.x renames it `cache`
     if cache is not None:
         if hasattr(cache, "get_seq_length"):
             return int(cache.get_seq_length())
