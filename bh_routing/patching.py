@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import dispatch as dsp
-from .recording import RoutingRecorder, ScopedHook, call_context, real_tokens
+from .recording import RoutingRecorder, ScopedHook, call_context, real_tokens, refuse_fx_tracing
 from .selection import Router, build_router
 
 logger = logging.getLogger(__name__)
@@ -546,6 +546,7 @@ class RoutingPatch:
         renormalize = block.family.renormalizes(block.module)
 
         def hook(gate, args, output):
+            refuse_fx_tracing()
             x = args[0].reshape(-1, args[0].shape[-1])  # [T, H]
             logits = block.layout.logits_from_call(gate, x, output, gives_logits)  # [T, E]
             recorder.record(layer, router(logits, layer=layer, model_renormalizes=renormalize), logits)
@@ -562,6 +563,7 @@ class RoutingPatch:
         cache: dict = {}  # the compact dispatch's per-block constants
 
         def forward(hidden_states: torch.Tensor):  # [B, S, H]
+            refuse_fx_tracing()
             hidden_states = family.prepare(module, hidden_states)
             x = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, H]
             shared = family.shared(module, x) if layout.shared_expert_first else None  # [T, H]

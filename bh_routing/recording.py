@@ -70,6 +70,15 @@ class ScopedHook:
     __deepcopy__ = __copy__ = __reduce_ex__ = __reduce__ = _refuse
 
 
+def refuse_fx_tracing() -> None:
+    """torch.fx symbolic tracing (transformers.utils.fx) feeds proxies without values: routing's
+    counts, sorting and per-expert shapes, and the recorder's padding, depend on values."""
+    if torch.fx._symbolic_trace.is_fx_tracing():
+        raise RuntimeError("torch.fx symbolic tracing of a model under RoutingPatch is not supported: the routing "
+                           "and its recording depend on values, which fx proxies do not have. Trace the unpatched "
+                           "model, or use torch.compile (fixed k also with fullgraph=True)")
+
+
 class RoutingRecorder:
     """Collects, per MoE layer and per real token, the routing chosen by a :class:`RoutingPatch`.
 
@@ -112,7 +121,7 @@ class RoutingRecorder:
         T = B*S tokens) and the ``router_logits [T, N]`` it was computed from. Calls made while
         autograd runs a backward pass — gradient checkpointing recomputing a forward — are not
         new tokens and are ignored."""
-        if torch._C._current_graph_task_id() != -1:  # inside backward (what torch.utils.checkpoint checks too)
+        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:  # inside backward
             return
         num_tokens = routing.counts.shape[0]
         step = self._current
@@ -154,6 +163,7 @@ class RoutingRecorder:
         """Hook ``module`` (the model, or its base model) so each forward call is one step whose
         padding and positions come from the call's own arguments. Returns the hook handles."""
         def before(mod, args, kwargs):
+            refuse_fx_tracing()
             self.begin_step(**call_context(args, kwargs))
 
         def after(mod, args, kwargs, output):

@@ -555,3 +555,47 @@ def test_training_step_at_native_k_equals_unpatched(family):
     assert none_patched == none_reference
     for (name, expected), got in zip(reference.state_dict().items(), patched.state_dict().values()):
         assert torch.equal(got, expected), name
+
+
+# --------------------------------------------------------------------------- torch.compile and torch.fx
+
+
+@pytest.mark.parametrize("config, fullgraph", [({"strategy": "topk", "k": 4}, True), (variable(8), False)])
+def test_torch_compile_gives_the_eager_routing(tiny_olmoe, config, fullgraph):
+    """Fixed k compiles as one graph (no data-dependent check left in the router's path); variable k
+    compiles with graph breaks around its data-dependent shapes. The recorder still records."""
+    input_ids, mask = tiny_inputs(left_pad=2)
+
+    def compiled():
+        torch._dynamo.reset()
+        return torch.compile(tiny_olmoe, fullgraph=fullgraph, backend="eager")(input_ids, attention_mask=mask)
+    with torch.no_grad(), RoutingPatch(tiny_olmoe, config, verbose=False) as patch:
+        eager = tiny_olmoe(input_ids, attention_mask=mask).logits
+        eager_tokens, eager_counts = patch.recorder.tokens(), patch.recorder.counts()
+        patch.recorder.clear()
+        try:
+            out = compiled().logits
+        except Exception:
+            patch.remove()
+            try:
+                compiled()
+            except Exception as error:  # e.g. 5.0's grouped_mm experts under compile on the CPU
+                pytest.skip(f"this transformers' model does not compile unpatched either: {error}"[:200])
+            raise
+    torch._dynamo.reset()
+    assert torch.equal(out, eager)
+    assert patch.recorder.tokens().equals(eager_tokens)
+    np.testing.assert_array_equal(patch.recorder.counts(), eager_counts)
+
+
+@pytest.mark.parametrize("mode", ["patch", "analyze"])
+def test_fx_tracing_a_patched_model_is_refused_with_a_reason(mode):
+    fx = pytest.importorskip("transformers.utils.fx")
+    model = tiny_model("mixtral")
+    try:
+        fx.symbolic_trace(model, input_names=["input_ids", "attention_mask"])
+    except Exception as error:  # this transformers cannot trace the model at all
+        pytest.skip(f"transformers.utils.fx cannot trace the unpatched model here: {error}"[:200])
+    with RoutingPatch(model, {"strategy": "topk", "k": 2}, mode=mode, verbose=False):
+        with pytest.raises(RuntimeError, match="torch.fx symbolic tracing of a model under RoutingPatch"):
+            fx.symbolic_trace(model, input_names=["input_ids", "attention_mask"])
