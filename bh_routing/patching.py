@@ -165,8 +165,8 @@ class ModuleListLayout:
         return out
 
     @staticmethod
-    def compact(block, x, pairs, cache, every_expert: bool) -> torch.Tensor:
-        return dsp.moe_modules(x, pairs, block.experts, call_unused=every_expert)
+    def compact(block, x, pairs, cache, every_expert: bool, weights_dtype) -> torch.Tensor:
+        return dsp.moe_modules(x, pairs, block.experts, call_unused=every_expert, weights_dtype=weights_dtype)
 
     @staticmethod
     def compact_unsupported(block) -> str | None:
@@ -236,11 +236,11 @@ class FusedLayout:
         return block.experts(x, indices, weights)
 
     @staticmethod
-    def compact(block, x, pairs, cache, every_expert: bool) -> torch.Tensor:
+    def compact(block, x, pairs, cache, every_expert: bool, weights_dtype) -> torch.Tensor:
         experts = block.experts
         if "gate_fn" not in cache:
             cache["gate_fn"] = getattr(experts, "_apply_gate", None) or dsp.default_gate(experts.act_fn)
-        return dsp.moe_fused(x, pairs, experts.gate_up_proj, experts.down_proj, cache["gate_fn"])
+        return dsp.moe_fused(x, pairs, experts.gate_up_proj, experts.down_proj, cache["gate_fn"], weights_dtype)
 
     @staticmethod
     def compact_unsupported(block) -> str | None:
@@ -573,7 +573,7 @@ class RoutingPatch:
                 out = layout.native(module, x, routing.indices, routing.weights.to(weights_dtype), every_expert)
             else:
                 pairs = dsp.compact_pairs(routing.indices, routing.weights, routing.counts, num_experts)
-                out = layout.compact(module, x, pairs, cache, every_expert)
+                out = layout.compact(module, x, pairs, cache, every_expert, weights_dtype)
             out = family.finish(module, x, out, shared)  # [T, H]
             if recorder is not None:
                 recorder.record(layer, routing, router_logits)

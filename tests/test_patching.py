@@ -599,3 +599,39 @@ def test_fx_tracing_a_patched_model_is_refused_with_a_reason(mode):
     with RoutingPatch(model, {"strategy": "topk", "k": 2}, mode=mode, verbose=False):
         with pytest.raises(RuntimeError, match="torch.fx symbolic tracing of a model under RoutingPatch"):
             fx.symbolic_trace(model, input_names=["input_ids", "attention_mask"])
+
+
+# --------------------------------------------------------------------------- half precision
+
+
+@pytest.mark.parametrize("implementation", [None, "eager"])  # None: the version's default
+@pytest.mark.parametrize("family", ["olmoe", "mixtral", "qwen3_moe"])
+def test_compact_dispatch_precision_in_bfloat16(family, implementation):
+    """Compact weights each pair in the model's mixing dtype and sums a token's experts in float32,
+    rounding once. Where the model's own expert code does the same (transformers 5.x grouped_mm /
+    batched_mm) it is bit-identical; eager code (4.x, 5.x eager) rounds after every expert, and
+    compact is then at least as close to the exact sum of the same bf16 expert outputs."""
+    model = tiny_model(family, experts_implementation=implementation).to(torch.bfloat16)
+    block = find_moe_blocks(model)[0].module
+    x = torch.randn(1, 128, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    k = native_k(model)
+    with torch.no_grad():
+        outputs = {}
+        for dispatch in ("native", "compact"):
+            with RoutingPatch(model, {"strategy": "topk", "k": k}, dispatch=dispatch, layers=[0], verbose=False) as patch:
+                out = block(x)
+            outputs[dispatch] = (out[0] if isinstance(out, tuple) else out).reshape(-1, 64).double()
+    implementation = getattr(model.config, "_experts_implementation", None)
+    if implementation in ("grouped_mm", "batched_mm"):
+        assert torch.equal(outputs["compact"], outputs["native"])
+        return
+    arrays = patch.recorder.arrays()  # the routing both runs used: experts and float32 weights
+    exact = torch.zeros_like(outputs["native"])  # Σ_j bf16(w_tj · bf16 expert output), summed exactly
+    for t in range(exact.shape[0]):
+        for e, w in zip(arrays["experts"][0, t], arrays["weights"][0, t]):
+            w_gate, w_up, w_down = expert_matrices(block, int(e))
+            h = F.silu(F.linear(x[0, t], w_gate)) * F.linear(x[0, t], w_up)  # bf16, as the experts compute
+            exact[t] += (F.linear(h, w_down) * torch.tensor(float(w)).to(torch.bfloat16)).double()
+    errors = {d: (out - exact).abs().mean().item() for d, out in outputs.items()}
+    assert errors["compact"] <= errors["native"], errors
+    assert (outputs["compact"] - outputs["native"]).abs().max() <= 4 * 2 ** -8 * exact.abs().max()  # a few ulp
