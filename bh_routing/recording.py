@@ -73,7 +73,9 @@ class ScopedHook:
 def refuse_fx_tracing() -> None:
     """torch.fx symbolic tracing (transformers.utils.fx) feeds proxies without values: routing's
     counts, sorting and per-expert shapes, and the recorder's padding, depend on values."""
-    if torch.fx._symbolic_trace.is_fx_tracing():
+    tracing = torch.fx._symbolic_trace
+    # is_fx_tracing() also answers True under torch.export (and warns so) where the newer name exists
+    if getattr(tracing, "is_fx_symbolic_tracing", tracing.is_fx_tracing)():
         raise RuntimeError("torch.fx symbolic tracing of a model under RoutingPatch is not supported: the routing "
                            "and its recording depend on values, which fx proxies do not have. Trace the unpatched "
                            "model, or use torch.compile (fixed k also with fullgraph=True)")
