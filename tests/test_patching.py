@@ -465,9 +465,9 @@ def parameter_grads(model, input_ids, config=None, checkpointing=None, backward_
     ``checkpointing``: None (off) or use_reentrant True / False."""
     model.train()
     model.zero_grad(set_to_none=True)
-    if checkpointing is None:
-        model.gradient_checkpointing_disable()
-    else:
+    if checkpointing is not None and hasattr(model, "activation_checkpointing_enable"):  # its 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": checkpointing})
+    elif checkpointing is not None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing})
     if config is None:
         model(input_ids, labels=input_ids, use_cache=False).loss.backward()
