@@ -52,10 +52,11 @@ class ScopedHook:
     to be copied or pickled: ``copy.deepcopy(model)`` would give a clone that still calls this
     patch's blocks and recorder (and stays patched after the original is restored), and pickling
     (``torch.save(model)``) cannot serialise a live patch."""
-    __slots__ = ("function", "owner")
+    __slots__ = ("function", "owner", "__wrapped__")
 
     def __init__(self, function, owner: str):
         self.function, self.owner = function, owner
+        self.__wrapped__ = function  # inspect.signature() reports the function's own signature
 
     def __call__(self, *args, **kwargs):
         return self.function(*args, **kwargs)
