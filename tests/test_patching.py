@@ -531,12 +531,15 @@ def test_copying_or_saving_a_patched_model_is_refused_and_works_after(tiny_olmoe
         with pytest.raises(RuntimeError, match="cannot copy or pickle a model while"):
             torch.save(tiny_olmoe, tmp_path / "model.pt")
         torch.save(tiny_olmoe.state_dict(), tmp_path / "state.pt")  # the weights are untouched: fine
+        tiny_olmoe.save_pretrained(tmp_path / "saved")
     clone = copy.deepcopy(tiny_olmoe)
     torch.save(tiny_olmoe, tmp_path / "model.pt")
     loaded = torch.load(tmp_path / "model.pt", weights_only=False)
     for other in (clone, loaded):
         assert torch.equal(logits(other, input_ids, attention_mask=mask), reference)
     assert all(torch.equal(v, tiny_olmoe.state_dict()[k]) for k, v in torch.load(tmp_path / "state.pt").items())
+    reloaded = type(tiny_olmoe).from_pretrained(tmp_path / "saved").eval()
+    assert torch.equal(logits(reloaded, input_ids, attention_mask=mask), reference)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
