@@ -10,8 +10,13 @@ Mode ``"patch"`` replaces each block's forward — per instance, never the class
 with the strategy and mixes the chosen experts (``dispatch``: ``"compact"`` computes only the real
 (token, expert) pairs, :mod:`bh_routing.dispatch`; ``"native"`` hands the padded routing to the
 model's own expert code, numerically exact, no saving; ``"auto"`` = native for fixed-k strategies
-and where compact cannot read the expert weights (offloaded), compact otherwise). Mode ``"analyze"`` changes nothing: a forward hook on each router records what
-the strategy *would* choose while the model runs natively.
+and where compact cannot read the expert weights (offloaded), compact otherwise). Mode
+``"analyze"`` changes nothing: a forward hook on each router records what the strategy *would*
+choose while the model runs natively.
+
+Every function installed on the model is a :class:`~bh_routing.recording.ScopedHook`: copying or
+pickling the model while patched is refused. Under gradient checkpointing, backward() after the
+patch is removed is refused (its recomputation would route natively).
 
 ``layer`` everywhere means the index of a MoE block among the model's MoE blocks (module order) —
 the decoder layer index for OLMoE, Mixtral and Qwen3-MoE, and the calibration's layer index.
@@ -215,6 +220,7 @@ class RoutingPatch:
             if not (torch.is_grad_enabled() and module.training and isinstance(hidden, torch.Tensor)
                     and hidden.requires_grad and _checkpointing(model)):
                 return
+
             def check(grad):
                 if self._undo is not application:
                     raise RuntimeError(
