@@ -59,27 +59,39 @@ def compact_pairs(indices: torch.Tensor, weights: torch.Tensor, counts: torch.Te
                  offsets=per_expert.cumsum(0).to(torch.int32), num_tokens=num_tokens, num_slots=num_slots)
 
 
-def _combine(expert_out: torch.Tensor, pairs: Pairs, dtype: torch.dtype) -> torch.Tensor:
-    """Weight each pair's expert output and sum per token: [P, H] -> [T, H]."""
+def _combine(expert_out: torch.Tensor, pairs: Pairs, dtype: torch.dtype,
+             weights_dtype: torch.dtype | None) -> torch.Tensor:
+    """Weight each pair's expert output and sum per token: [P, H] -> [T, H] in ``dtype``.
+
+    Precision: the product is taken in the dtype the model mixes in (``weights_dtype``: the
+    activation dtype for most blocks, float32 for transformers 5.x Mixtral; None = activation
+    dtype), and a token's pairs are summed in float32 and rounded to ``dtype`` once. Eager model
+    code instead adds one expert at a time in the activation dtype (a rounding per expert), so in
+    bf16/fp16 the two differ by a few units in the last place; in float32 they agree to ~1e-6."""
     hidden = expert_out.shape[-1]
-    # Weights are cast to the activation dtype first, as transformers' eager MoE blocks do.
-    weighted = (expert_out * pairs.weight.to(expert_out.dtype)[:, None]).to(dtype)  # [P, H]
+    weighted = expert_out * pairs.weight.to(weights_dtype or expert_out.dtype)[:, None]  # [P, H]
+    accumulate = torch.promote_types(weighted.dtype, torch.float32)
     if expert_out.device.type == "cpu":  # sequential on the CPU: deterministic, and P rows of traffic only
-        return weighted.new_zeros(pairs.num_tokens, hidden).index_add_(0, pairs.token, weighted)
+        total = torch.zeros(pairs.num_tokens, hidden, dtype=accumulate, device=weighted.device)
+        return total.index_add_(0, pairs.token, weighted.to(accumulate)).to(dtype)
     # Elsewhere index_add_ with repeated tokens uses atomics (run-to-run varying order): put each
     # pair in its (token, slot) cell and sum the K slots instead.
     cells = weighted.new_zeros(pairs.num_tokens * pairs.num_slots, hidden)  # [T*K, H]
     cells.index_copy_(0, pairs.slot, weighted)
-    return cells.view(pairs.num_tokens, pairs.num_slots, hidden).sum(dim=1)
+    return cells.view(pairs.num_tokens, pairs.num_slots, hidden).sum(dim=1, dtype=accumulate).to(dtype)
 
 
-def moe_modules(hidden: torch.Tensor, pairs: Pairs, experts: Sequence[Callable]) -> torch.Tensor:
-    """Mix of per-expert MLP modules: ``hidden [T, H]`` -> ``[T, H]``, P rows computed."""
+def moe_modules(hidden: torch.Tensor, pairs: Pairs, experts: Sequence[Callable],
+                call_unused: bool = False, weights_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Mix of per-expert MLP modules: ``hidden [T, H]`` -> ``[T, H]``, P rows computed.
+    ``call_unused``: call experts without rows too (on 0 rows), as models whose own loop does so —
+    their parameters then get zero gradients, not ``None``."""
     rows = hidden[pairs.token]  # [P, H] sorted by expert
-    outs = [experts[e](chunk) for e, chunk in enumerate(torch.split(rows, pairs.sizes)) if chunk.shape[0]]
+    outs = [experts[e](chunk) for e, chunk in enumerate(torch.split(rows, pairs.sizes))
+            if chunk.shape[0] or call_unused]
     if not outs:
         return torch.zeros_like(hidden)
-    return _combine(torch.cat(outs), pairs, hidden.dtype)
+    return _combine(torch.cat(outs), pairs, hidden.dtype, weights_dtype)
 
 
 def default_gate(act_fn: Callable) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -91,7 +103,7 @@ def default_gate(act_fn: Callable) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def moe_fused(hidden: torch.Tensor, pairs: Pairs, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
-              gate_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+              gate_fn: Callable[[torch.Tensor], torch.Tensor], weights_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Mix of fused experts ``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``: ``[T, H]`` -> ``[T, H]``."""
     rows = hidden[pairs.token].to(gate_up_proj.dtype)  # [P, H] sorted by expert
     if rows.shape[0] == 0:
@@ -100,7 +112,7 @@ def moe_fused(hidden: torch.Tensor, pairs: Pairs, gate_up_proj: torch.Tensor, do
     if out is None:  # one small GEMM per expert that has rows
         out = torch.cat([F.linear(gate_fn(F.linear(chunk, gate_up_proj[e])), down_proj[e])
                          for e, chunk in enumerate(torch.split(rows, pairs.sizes)) if chunk.shape[0]])
-    return _combine(out, pairs, hidden.dtype)
+    return _combine(out, pairs, hidden.dtype, weights_dtype)
 
 
 _GROUPED_UNSUPPORTED: set = set()  # (device type, dtype) where torch's grouped GEMM raised

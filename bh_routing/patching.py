@@ -4,21 +4,19 @@
         out = model(**batch)                    # every MoE block routes with BH
     patch.recorder.counts()                     # [layers, tokens] experts per token
 
-This module is the only place that knows model internals. Two axes, each one small table:
-
-* **Family** (OLMoE, Mixtral, Qwen2-MoE, Qwen3-MoE): the block's class name, its top-k weight
-  convention (renormalised or raw probabilities), a shared expert (Qwen2-MoE), input jitter (Mixtral).
-* **Layout** (transformers version): 4.46–4.57 blocks own ``gate = nn.Linear`` and
-  ``experts = nn.ModuleList`` and return ``(hidden, router_logits)``; 5.x blocks own a
-  ``*TopKRouter`` and fused ``*Experts`` and return ``hidden`` (router logits are recorded from the
-  router module's call, so the patched block still *calls* the router module).
+The model internals (families, layouts, finding blocks) live in :mod:`bh_routing.moe_blocks`.
 
 Mode ``"patch"`` replaces each block's forward — per instance, never the class — with one that routes
 with the strategy and mixes the chosen experts (``dispatch``: ``"compact"`` computes only the real
 (token, expert) pairs, :mod:`bh_routing.dispatch`; ``"native"`` hands the padded routing to the
-model's own expert code, numerically exact, no saving; ``"auto"`` = native for fixed-k strategies,
-compact otherwise). Mode ``"analyze"`` changes nothing: a forward hook on each router records what
-the strategy *would* choose while the model runs natively.
+model's own expert code, numerically exact, no saving; ``"auto"`` = native for fixed-k strategies
+and where compact cannot read the expert weights (offloaded), compact otherwise). Mode
+``"analyze"`` changes nothing: a forward hook on each router records what the strategy *would*
+choose while the model runs natively.
+
+Every function installed on the model is a :class:`~bh_routing.recording.ScopedHook`: copying or
+pickling the model while patched is refused. Under gradient checkpointing, backward() after the
+patch is removed is refused (its recomputation would route natively).
 
 ``layer`` everywhere means the index of a MoE block among the model's MoE blocks (module order) —
 the decoder layer index for OLMoE, Mixtral and Qwen3-MoE, and the calibration's layer index.
@@ -28,241 +26,24 @@ from __future__ import annotations
 import logging
 import warnings
 import weakref
-from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import dispatch as dsp
-from .recording import RoutingRecorder, call_context
+from .moe_blocks import (MoeBlock, UnsupportedModelError, check_transformers_version,  # noqa: F401 (public here)
+                         find_moe_blocks, router_gives_logits)
+from .recording import RoutingRecorder, ScopedHook, call_context, real_tokens, refuse_fx_tracing
 from .selection import Router, build_router
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_TRANSFORMERS = ((4, 46), (6, 0))  # [min, max)
 MODES = ("patch", "analyze")
 DISPATCHES = ("auto", "compact", "native")
 
 # block module -> the RoutingPatch that holds it. Patches never stack on a block.
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, RoutingPatch]" = weakref.WeakKeyDictionary()
-
-
-class UnsupportedModelError(ValueError):
-    """The model has no MoE block this module knows, or the transformers version is unsupported."""
-
-
-# =========================================================================== families
-
-
-def _norm_topk_prob(block: nn.Module) -> bool:
-    # 4.x keeps the flag on the block, 5.x on the router; the module's flag is what the model uses.
-    return bool(getattr(block, "norm_topk_prob", getattr(block.gate, "norm_topk_prob", False)))
-
-
-@dataclass(frozen=True)
-class Family:
-    """What differs between MoE families — the one place for their quirks."""
-    name: str
-    block_class: str  # the sparse MoE block's class name (same in transformers 4.x and 5.x)
-    renormalizes: Callable[[nn.Module], bool]  # top-k weights rescaled to sum to 1?
-    shared_expert: bool = False  # Qwen2-MoE: output += sigmoid(shared_expert_gate(x)) * shared_expert(x)
-    jitter: bool = False  # Mixtral: multiplicative input noise while training
-
-    def prepare(self, block: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.jitter and block.training and block.jitter_noise > 0:  # in place, as Mixtral does
-            hidden_states *= torch.empty_like(hidden_states).uniform_(1.0 - block.jitter_noise,
-                                                                      1.0 + block.jitter_noise)
-        return hidden_states
-
-    def finish(self, block: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        if self.shared_expert:
-            return out + torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
-        return out
-
-
-FAMILIES = (
-    Family("olmoe", "OlmoeSparseMoeBlock", _norm_topk_prob),
-    # softmax over the top-k logits == renormalised top-k probabilities
-    Family("mixtral", "MixtralSparseMoeBlock", lambda block: True, jitter=True),
-    Family("qwen2_moe", "Qwen2MoeSparseMoeBlock", _norm_topk_prob, shared_expert=True),
-    Family("qwen3_moe", "Qwen3MoeSparseMoeBlock", _norm_topk_prob),
-)
-
-
-# =========================================================================== layouts
-
-
-class ModuleListLayout:
-    """transformers 4.46–4.57: ``gate = nn.Linear(H, E)``, ``experts = nn.ModuleList`` of MLPs;
-    the block returns ``(hidden [B, S, H], router_logits [T, E])``."""
-    name = "modulelist"
-
-    @staticmethod
-    def matches(block) -> bool:
-        return isinstance(block.gate, nn.Linear) and isinstance(block.experts, nn.ModuleList)
-
-    @staticmethod
-    def num_experts(block) -> int:
-        return len(block.experts)
-
-    @staticmethod
-    def top_k(block) -> int:
-        return int(block.top_k)
-
-    @staticmethod
-    def logits_from_call(gate, x, output, cache) -> torch.Tensor:
-        return output  # nn.Linear: the raw logits
-
-    @staticmethod
-    def route(block, x, cache):
-        """Call the router; returns (router_logits [T, E], dtype the model mixes weights in)."""
-        return block.gate(x), x.dtype
-
-    @staticmethod
-    def native(block, x, indices, weights) -> torch.Tensor:
-        """transformers 4.x's own expert loop, op for op (bit-identical at the native top-k)."""
-        out = torch.zeros_like(x)  # [T, H]
-        expert_mask = F.one_hot(indices, num_classes=len(block.experts)).permute(2, 1, 0)  # [E, K, T]
-        for expert in (expert_mask.sum(dim=(-1, -2)) > 0).nonzero().flatten().tolist():
-            slot, token = torch.where(expert_mask[expert])
-            current = block.experts[expert](x[token]) * weights[token, slot, None]
-            out.index_add_(0, token, current.to(x.dtype))
-        return out
-
-    @staticmethod
-    def compact(block, x, pairs, cache) -> torch.Tensor:
-        return dsp.moe_modules(x, pairs, block.experts)
-
-    @staticmethod
-    def check_compact(block) -> None:
-        return None
-
-    @staticmethod
-    def output(hidden, router_logits):
-        return hidden, router_logits
-
-
-class FusedLayout:
-    """transformers 5.x: ``gate = *TopKRouter`` returning ``(logits or probabilities, top-k weights,
-    top-k indices)``, ``experts = *Experts`` with ``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``
-    dispatched by ``config._experts_implementation``; the block returns ``hidden [B, S, H]``."""
-    name = "fused"
-
-    @staticmethod
-    def matches(block) -> bool:
-        return (not isinstance(block.gate, nn.Linear) and isinstance(getattr(block.gate, "weight", None), torch.Tensor)
-                and hasattr(block.experts, "gate_up_proj") and hasattr(block.experts, "down_proj"))
-
-    @staticmethod
-    def num_experts(block) -> int:
-        return int(block.experts.gate_up_proj.shape[0])
-
-    @staticmethod
-    def top_k(block) -> int:
-        return int(block.gate.top_k)
-
-    @staticmethod
-    def logits_from_call(gate, x, output, cache) -> torch.Tensor:
-        # transformers 5.0–5.4 routers return softmax probabilities first, later ones raw logits.
-        # Decide once per router by recomputing the logits (the same op, so bit-equal if raw).
-        first = output[0]
-        if cache.get("raw") is None:
-            logits = F.linear(x, gate.weight)
-            if x.shape[0]:  # an empty batch proves nothing
-                cache["raw"] = first.shape == logits.shape and torch.equal(first, logits)
-            return logits
-        return first if cache["raw"] else F.linear(x, gate.weight)
-
-    @staticmethod
-    def route(block, x, cache):
-        output = block.gate(x)  # called as a module: output_router_logits hooks see it
-        return FusedLayout.logits_from_call(block.gate, x, output, cache), output[1].dtype
-
-    @staticmethod
-    def native(block, x, indices, weights) -> torch.Tensor:
-        return block.experts(x, indices, weights)
-
-    @staticmethod
-    def compact(block, x, pairs, cache) -> torch.Tensor:
-        experts = block.experts
-        if "gate_fn" not in cache:
-            cache["gate_fn"] = getattr(experts, "_apply_gate", None) or dsp.default_gate(experts.act_fn)
-        return dsp.moe_fused(x, pairs, experts.gate_up_proj, experts.down_proj, cache["gate_fn"])
-
-    @staticmethod
-    def check_compact(block) -> None:
-        experts = block.experts
-        unusual = {flag: getattr(experts, flag) for flag, usual in
-                   (("is_transposed", False), ("has_bias", False), ("has_gate", True),
-                    ("is_concatenated", True), ("has_post_expert_norm", False))
-                   if getattr(experts, flag, usual) != usual}
-        if unusual or experts.gate_up_proj.device.type == "meta":
-            raise UnsupportedModelError(
-                f"dispatch='compact' supports fused experts laid out as gate_up_proj [E, 2I, H] / "
-                f"down_proj [E, H, I] with weights in memory; {type(experts).__name__} has {unusual or 'meta weights'}: "
-                "use dispatch='native'")
-
-    @staticmethod
-    def output(hidden, router_logits):
-        return hidden
-
-
-LAYOUTS = (ModuleListLayout, FusedLayout)
-
-
-# =========================================================================== finding blocks
-
-
-@dataclass(frozen=True)
-class MoeBlock:
-    layer: int  # index among the model's MoE blocks
-    name: str  # module path, e.g. "model.layers.3.mlp"
-    module: nn.Module
-    family: Family
-    layout: type
-    num_experts: int
-    top_k: int  # the model's native k
-
-
-def check_transformers_version(version: str | None = None) -> str:
-    """Raise :class:`UnsupportedModelError` outside transformers 4.46 – 5.x; return the version."""
-    from packaging.version import Version
-    if version is None:
-        import transformers
-        version = transformers.__version__
-    release = Version(version).release[:2]
-    low, high = SUPPORTED_TRANSFORMERS
-    if not low <= release < high:
-        raise UnsupportedModelError(f"transformers {version} is not supported: RoutingPatch knows the MoE blocks of "
-                                    f"transformers {low[0]}.{low[1]} up to (not including) {high[0]}.0")
-    return version
-
-
-def find_moe_blocks(model: nn.Module) -> list[MoeBlock]:
-    """Every supported sparse MoE block of ``model``, in module order."""
-    by_class = {family.block_class: family for family in FAMILIES}
-    blocks, unknown = [], []
-    for name, module in model.named_modules():
-        family = next((by_class[c.__name__] for c in type(module).__mro__ if c.__name__ in by_class), None)
-        if family is None:
-            if "moe" in type(module).__name__.lower() and "block" in type(module).__name__.lower():
-                unknown.append(type(module).__name__)
-            continue
-        layout = next((lay for lay in LAYOUTS if lay.matches(module)), None)
-        if layout is None:
-            raise UnsupportedModelError(
-                f"{name} ({type(module).__name__}) has neither the transformers 4.x layout (gate = nn.Linear, "
-                "experts = nn.ModuleList) nor the 5.x one (router module + fused gate_up_proj/down_proj); "
-                "this transformers version changed the block")
-        blocks.append(MoeBlock(len(blocks), name, module, family, layout, layout.num_experts(module),
-                               layout.top_k(module)))
-    if not blocks:
-        found = f"; found unsupported MoE-like blocks {sorted(set(unknown))}" if unknown else ""
-        raise UnsupportedModelError(f"{type(model).__name__} has no supported MoE block (supported: "
-                                    f"{', '.join(f.block_class for f in FAMILIES)}){found}")
-    return blocks
 
 
 def _layer_configs(default, layers, num_blocks: int) -> dict[int, object]:
@@ -286,6 +67,11 @@ def _layer_configs(default, layers, num_blocks: int) -> dict[int, object]:
     if missing:
         raise ValueError(f"no routing strategy for layers {missing}: pass strategy_or_config or a config per layer")
     return dict(sorted(configs.items()))
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether transformers' gradient checkpointing is on anywhere in ``model``."""
+    return any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -331,6 +117,7 @@ class RoutingPatch:
                 raise ValueError(f"layer {block.layer}: max_k {self.routers[block.layer].max_k} exceeds the "
                                  f"block's {block.num_experts} experts")
         self.dispatch = {b.layer: self._resolve_dispatch(dispatch, b) for b in self.blocks} if mode == "patch" else {}
+        self._gives_logits = {b.layer: router_gives_logits(b) for b in self.blocks}
         if isinstance(record, RoutingRecorder):
             self._recorder = record
         else:
@@ -348,10 +135,12 @@ class RoutingPatch:
 
     def _resolve_dispatch(self, dispatch: str, block: MoeBlock) -> str:
         router = self.routers[block.layer]
+        unsupported = block.layout.compact_unsupported(block.module)
         if dispatch == "auto":  # no padded slot at fixed k: the model's own path is exact and as cheap
-            dispatch = "native" if router.min_k == router.max_k else "compact"
-        if dispatch == "compact":
-            block.layout.check_compact(block.module)
+            dispatch = "native" if router.min_k == router.max_k or unsupported else "compact"
+        if dispatch == "compact" and unsupported:
+            raise UnsupportedModelError(f"dispatch='compact' cannot run {block.name}: {unsupported}; "
+                                        "use dispatch='native' (or 'auto')")
         return dispatch
 
     # ------------------------------------------------------------------ apply / remove
@@ -376,6 +165,8 @@ class RoutingPatch:
         try:
             for block in self.blocks:
                 undo.append(self._patch_analyze(block) if self.mode == "analyze" else self._patch_forward(block))
+            if self.mode == "patch":
+                undo.append(self._guard_recomputation(undo).remove)
             if self._recorder is not None:
                 handles = self._recorder.attach(_base_model(self.model))
                 undo.append(lambda: [h.remove() for h in handles])
@@ -424,6 +215,29 @@ class RoutingPatch:
 
     # ------------------------------------------------------------------ per block
 
+    def _guard_recomputation(self, application: list):
+        """Gradient checkpointing recomputes each layer's forward during ``backward()``; after the
+        patch is removed that recomputation would route natively (wrong gradients, or a
+        CheckpointError). So a forward that may be recomputed — grad enabled, the model training
+        with checkpointing on — hooks its final hidden state, which receives its gradient before
+        any layer is recomputed: backward() outside this application of the patch is refused there."""
+        model = self.model
+
+        def after(module, args, output):
+            hidden = output if isinstance(output, torch.Tensor) else output[0]  # [B, S, H]
+            if not (torch.is_grad_enabled() and module.training and isinstance(hidden, torch.Tensor)
+                    and hidden.requires_grad and _checkpointing(model)):
+                return
+
+            def check(grad):
+                if self._undo is not application:
+                    raise RuntimeError(
+                        "backward() ran after the RoutingPatch this forward used was removed, with gradient "
+                        "checkpointing on: the recomputed layers would route natively and give wrong gradients. "
+                        "Call backward() inside the `with RoutingPatch(...)` block (or before remove()).")
+            hidden.register_hook(check)
+        return _base_model(model).register_forward_hook(ScopedHook(after, "RoutingPatch"))
+
     def _claim(self, block: MoeBlock) -> Callable[[], None]:
         _ACTIVE[block.module] = self
         return lambda: _ACTIVE.pop(block.module, None)
@@ -433,7 +247,7 @@ class RoutingPatch:
         # accelerate's hooks replace `forward` by a wrapper that calls `_old_forward`: swap the inner one.
         attr = "_old_forward" if "_old_forward" in module.__dict__ else "forward"
         had, old = attr in module.__dict__, module.__dict__.get(attr)
-        new = self._make_forward(block)
+        new = ScopedHook(self._make_forward(block), "RoutingPatch")
         release = self._claim(block)
         object.__setattr__(module, attr, new)  # an instance attribute: the class is never touched
 
@@ -449,35 +263,40 @@ class RoutingPatch:
         return restore
 
     def _patch_analyze(self, block: MoeBlock) -> Callable[[], None]:
-        router, layer, recorder, cache = self.routers[block.layer], block.layer, self._recorder, {}
+        router, layer, recorder = self.routers[block.layer], block.layer, self._recorder
+        gives_logits = self._gives_logits[layer]
         renormalize = block.family.renormalizes(block.module)
 
         def hook(gate, args, output):
+            refuse_fx_tracing()
             x = args[0].reshape(-1, args[0].shape[-1])  # [T, H]
-            logits = block.layout.logits_from_call(gate, x, output, cache)  # [T, E]
+            logits = block.layout.logits_from_call(gate, x, output, gives_logits)  # [T, E]
             recorder.record(layer, router(logits, layer=layer, model_renormalizes=renormalize), logits)
 
         release = self._claim(block)
-        handle = block.module.gate.register_forward_hook(hook)
+        handle = block.module.gate.register_forward_hook(ScopedHook(hook, "RoutingPatch"))
         return lambda: (handle.remove(), release())
 
     def _make_forward(self, block: MoeBlock):
         module, family, layout, layer = block.module, block.family, block.layout, block.layer
         router, recorder, num_experts = self.routers[layer], self._recorder, block.num_experts
-        native = self.dispatch[layer] == "native"
-        cache: dict = {}
+        native, gives_logits = self.dispatch[layer] == "native", self._gives_logits[layer]
+        every_expert = layout.calls_every_expert(module)
+        cache: dict = {}  # the compact dispatch's per-block constants
 
         def forward(hidden_states: torch.Tensor):  # [B, S, H]
+            refuse_fx_tracing()
             hidden_states = family.prepare(module, hidden_states)
             x = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, H]
-            router_logits, weights_dtype = layout.route(module, x, cache)  # [T, E]
+            shared = family.shared(module, x) if layout.shared_expert_first else None  # [T, H]
+            router_logits, weights_dtype = layout.route(module, x, gives_logits)  # [T, E]
             routing = router(router_logits, layer=layer, model_renormalizes=family.renormalizes(module))
             if native:  # padded slots: expert PAD_INDEX at weight 0 — correct, computed anyway
-                out = layout.native(module, x, routing.indices, routing.weights.to(weights_dtype))
+                out = layout.native(module, x, routing.indices, routing.weights.to(weights_dtype), every_expert)
             else:
                 pairs = dsp.compact_pairs(routing.indices, routing.weights, routing.counts, num_experts)
-                out = layout.compact(module, x, pairs, cache)
-            out = family.finish(module, x, out)  # [T, H]
+                out = layout.compact(module, x, pairs, cache, every_expert, weights_dtype)
+            out = family.finish(module, x, out, shared)  # [T, H]
             if recorder is not None:
                 recorder.record(layer, routing, router_logits)
             return layout.output(out.reshape(hidden_states.shape), router_logits)
@@ -485,6 +304,16 @@ class RoutingPatch:
 
 
 # =========================================================================== calibration helper
+
+
+def _input_device(model: nn.Module) -> torch.device | None:
+    """Where input ids go: the input embeddings' device; None (leave them) when accelerate offloads
+    the embeddings — its hook moves the inputs to the execution device itself."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    if weight is None:
+        weight = next(model.parameters())
+    return None if weight.device.type == "meta" else weight.device
 
 
 @torch.no_grad()
@@ -504,10 +333,10 @@ def collect_router_logits(model: nn.Module, batches: Iterable, max_tokens: int |
     context: dict = {}
     handles = []
 
-    def gate_hook(block, cache):
+    def gate_hook(block, gives_logits):
         def hook(gate, args, output):
             x = args[0].reshape(-1, args[0].shape[-1])
-            current[block.layer] = block.layout.logits_from_call(gate, x, output, cache).detach()
+            current[block.layer] = block.layout.logits_from_call(gate, x, output, gives_logits).detach()
         return hook
 
     def pre_hook(mod, args, kwargs):
@@ -517,19 +346,18 @@ def collect_router_logits(model: nn.Module, batches: Iterable, max_tokens: int |
     total = 0
     try:
         for block in blocks:
-            handles.append(block.module.gate.register_forward_hook(gate_hook(block, {})))
+            handles.append(block.module.gate.register_forward_hook(gate_hook(block, router_gives_logits(block))))
         handles.append(_base_model(model).register_forward_pre_hook(pre_hook, with_kwargs=True))
-        device = next(model.parameters()).device
+        device = _input_device(model)
         for batch in batches:
             inputs = {"input_ids": batch} if isinstance(batch, torch.Tensor) else dict(batch)
-            inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+            if device is not None:
+                inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
             inputs.setdefault("use_cache", False)
             current.clear()
             model(**inputs)
-            mask = context.get("attention_mask")
-            keep = None
-            if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-                keep = mask[:, mask.shape[1] - context["seq_len"]:].bool().reshape(-1)
+            keep = real_tokens(context["attention_mask"], context["batch_size"], context["seq_len"],
+                               context["past_len"])  # [B*S] or None
             for block in blocks:
                 logits = current[block.layer]
                 collected[block.layer].append((logits if keep is None else logits[keep.to(logits.device)]).float().cpu())

@@ -47,6 +47,41 @@ class _Step:
     meta: dict | None = None  # {"batch", "position", "token_id"}: np.ndarray [n] once flushed
 
 
+class ScopedHook:
+    """A function a patch or recorder installs on a model (a replaced ``forward``, a hook), refusing
+    to be copied or pickled: ``copy.deepcopy(model)`` would give a clone that still calls this
+    patch's blocks and recorder (and stays patched after the original is restored), and pickling
+    (``torch.save(model)``) cannot serialise a live patch."""
+    __slots__ = ("function", "owner", "__wrapped__")
+
+    def __init__(self, function, owner: str):
+        self.function, self.owner = function, owner
+        self.__wrapped__ = function  # inspect.signature() reports the function's own signature
+
+    def __call__(self, *args, **kwargs):
+        return self.function(*args, **kwargs)
+
+    def _refuse(self, *args):
+        raise RuntimeError(
+            f"cannot copy or pickle a model while a {self.owner} is attached (copy.deepcopy would share its blocks "
+            "and recorder with the original, torch.save(model) cannot save it): leave the `with` block (or call "
+            "remove()) first, then copy or save the model and patch the copy; torch.save(model.state_dict()) "
+            "works while patched")
+
+    __deepcopy__ = __copy__ = __reduce_ex__ = __reduce__ = _refuse
+
+
+def refuse_fx_tracing() -> None:
+    """torch.fx symbolic tracing (transformers.utils.fx) feeds proxies without values: routing's
+    counts, sorting and per-expert shapes, and the recorder's padding, depend on values."""
+    tracing = torch.fx._symbolic_trace
+    # is_fx_tracing() also answers True under torch.export (and warns so) where the newer name exists
+    if getattr(tracing, "is_fx_symbolic_tracing", tracing.is_fx_tracing)():
+        raise RuntimeError("torch.fx symbolic tracing of a model under RoutingPatch is not supported: the routing "
+                           "and its recording depend on values, which fx proxies do not have. Trace the unpatched "
+                           "model, or use torch.compile (fixed k also with fullgraph=True)")
+
+
 class RoutingRecorder:
     """Collects, per MoE layer and per real token, the routing chosen by a :class:`RoutingPatch`.
 
@@ -67,11 +102,12 @@ class RoutingRecorder:
     def begin_step(self, batch_size: int, seq_len: int, attention_mask: torch.Tensor | None = None,
                    past_len: int = 0, input_ids: torch.Tensor | None = None) -> None:
         """Start a step of ``batch_size`` sequences of ``seq_len`` new tokens after ``past_len`` cached
-        ones. ``attention_mask`` is [B, past_len + S] (or [B, S]); only its last S columns are used."""
+        ones. ``attention_mask``: [B, past_len + S] (or [B, S]; its last S columns mark real tokens), a
+        4-D mask [B, 1, S, keys] as static caches and custom masks pass (a token is real if it may
+        attend to itself, key column past_len + s), or a dict of those (transformers 5.x per
+        attention type)."""
         self.end_step()
-        keep = None
-        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] >= seq_len:
-            keep = attention_mask[:, attention_mask.shape[1] - seq_len:].bool().reshape(-1)  # [B*S]
+        keep = real_tokens(attention_mask, batch_size, seq_len, past_len)
         ids = input_ids.reshape(-1) if input_ids is not None and input_ids.numel() == batch_size * seq_len else None
         self._current = _Step(len(self._steps), "prefill" if past_len == 0 else "decode",
                               batch_size, seq_len, past_len, keep, ids)
@@ -85,7 +121,11 @@ class RoutingRecorder:
 
     def record(self, layer: int, routing, router_logits: torch.Tensor) -> None:
         """Record one MoE block call: ``routing`` (a :class:`~bh_routing.selection.Routing` over
-        T = B*S tokens) and the ``router_logits [T, N]`` it was computed from."""
+        T = B*S tokens) and the ``router_logits [T, N]`` it was computed from. Calls made while
+        autograd runs a backward pass — gradient checkpointing recomputing a forward — are not
+        new tokens and are ignored."""
+        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:  # inside backward
+            return
         num_tokens = routing.counts.shape[0]
         step = self._current
         if (step is None or step.batch_size * step.seq_len != num_tokens
@@ -126,12 +166,13 @@ class RoutingRecorder:
         """Hook ``module`` (the model, or its base model) so each forward call is one step whose
         padding and positions come from the call's own arguments. Returns the hook handles."""
         def before(mod, args, kwargs):
+            refuse_fx_tracing()
             self.begin_step(**call_context(args, kwargs))
 
         def after(mod, args, kwargs, output):
             self.end_step()
-        return [module.register_forward_pre_hook(before, with_kwargs=True),
-                module.register_forward_hook(after, with_kwargs=True, always_call=True)]
+        return [module.register_forward_pre_hook(ScopedHook(before, "RoutingRecorder"), with_kwargs=True),
+                module.register_forward_hook(ScopedHook(after, "RoutingRecorder"), with_kwargs=True, always_call=True)]
 
     # ------------------------------------------------------------------ reading
 
@@ -238,11 +279,28 @@ def call_context(args: tuple, kwargs: dict) -> dict:
             "input_ids": input_ids}
 
 
+def real_tokens(mask, batch_size: int, seq_len: int, past_len: int) -> torch.Tensor | None:
+    """[B*S] bool, True for real (non-padding) tokens, from a call's attention mask; None = all real."""
+    if isinstance(mask, dict):  # transformers 5.x: {"full_attention": [B, 1, S, keys], ...}
+        mask = mask.get("full_attention", next((m for m in mask.values() if isinstance(m, torch.Tensor)), None))
+    if not isinstance(mask, torch.Tensor) or mask.shape[0] != batch_size:
+        return None
+    if mask.dim() == 2 and mask.shape[1] >= seq_len:
+        return mask[:, mask.shape[1] - seq_len:].bool().reshape(-1)
+    if mask.dim() == 4 and mask.shape[2] == seq_len and mask.shape[3] >= past_len + seq_len:
+        # A padding token's own key is masked for every query (itself included); a real one sees itself.
+        rows = torch.arange(seq_len, device=mask.device)
+        own = mask[:, 0, rows, past_len + rows]  # [B, S]
+        allowed = own if own.dtype == torch.bool else own > torch.finfo(own.dtype).min / 2  # additive float mask
+        return allowed.reshape(-1)
+    return None
+
+
 def _past_length(kwargs: dict, mask, seq_len: int) -> int:
     cache_position = kwargs.get("cache_position")
     if isinstance(cache_position, torch.Tensor) and cache_position.numel():
         return int(cache_position.reshape(-1)[0])
-    cache = kwargs.get("past_key_values")
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))  # transformers 5.x renames it `cache`
     if cache is not None:
         if hasattr(cache, "get_seq_length"):
             return int(cache.get_seq_length())

@@ -138,3 +138,34 @@ def test_record_false_keeps_no_recorder(tiny_olmoe):
         tiny_olmoe(tiny_inputs()[0])
     with pytest.raises(AttributeError, match="record=False"):
         patch.recorder.counts()
+
+
+@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe"])
+def test_static_cache_generate_records_as_the_dynamic_cache_does(family):
+    """A static cache passes 4-D masks (a dict of them in 5.x) and no 2-D padding mask; padding,
+    positions and phases must still come out as with the dynamic cache."""
+    model = tiny_model(family)
+    input_ids, mask = tiny_inputs(batch=2, length=6, left_pad=2)
+    new = 4
+    try:  # some transformers versions cannot do this for some families, patched or not
+        with torch.no_grad():
+            model.generate(input_ids, attention_mask=mask, max_new_tokens=1, pad_token_id=0, cache_implementation="static")
+    except (TypeError, ValueError) as error:
+        pytest.skip(f"this transformers has no static-cache generate for {family}: {error}"[:200])
+    runs = []
+    for cache in (None, "static"):  # None: the default dynamic cache
+        with torch.no_grad(), RoutingPatch(model, VARIABLE, verbose=False) as patch:
+            out = model.generate(input_ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                                 do_sample=False, pad_token_id=0, cache_implementation=cache)
+        runs.append((out, patch.recorder))
+    (dynamic_out, dynamic), (static_out, static) = runs
+    assert torch.equal(static_out, dynamic_out)
+    tokens = static.tokens()
+    assert tokens.equals(dynamic.tokens())
+    np.testing.assert_array_equal(static.counts(), dynamic.counts())
+    prefill, decode = tokens[tokens.phase == "prefill"], tokens[tokens.phase == "decode"]
+    rows, cols = mask.nonzero(as_tuple=True)  # the real prompt tokens
+    np.testing.assert_array_equal(prefill.batch, rows.numpy())
+    np.testing.assert_array_equal(prefill.position, cols.numpy())
+    assert len(decode) == 2 * (new - 1)
+    np.testing.assert_array_equal(decode[decode.batch == 0].position, np.arange(6, 6 + new - 1))
