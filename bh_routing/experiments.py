@@ -29,7 +29,7 @@ from .store import ResultStore, write_json
 
 CALIBRATION_DOCS = 12
 EVAL_WIKITEXT_DOCS = 62 - CALIBRATION_DOCS
-TASKS = ("wikitext", "hellaswag", "lambada", "prompts")
+TASKS = ("wikitext", "hellaswag", "lambada", "domains", "prompts")
 
 
 @dataclass(frozen=True)
