@@ -27,7 +27,7 @@ Nothing here tests a quantity that a configuration fixes by construction (e.g. m
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -97,7 +97,7 @@ class Finding:
     cohens_dz: float = math.nan
     n_needed: int | None = None
     family_size: int = 0
-    notes: list[str] = field(default_factory=list)
+    k_tolerance: float = K_TOLERANCE
 
     @property
     def is_finding(self) -> bool:
@@ -111,7 +111,7 @@ class Finding:
         if self.verdict == "at chance":
             return f"{c.task}: {who}: reference at chance on this model: no conclusion."
         if self.verdict == "not matched":
-            return (f"{c.task}: {who}: not compute-matched (|Δk̄| > {K_TOLERANCE:g}) and not cheaper: "
+            return (f"{c.task}: {who}: not compute-matched (|Δk̄| > {self.k_tolerance:g}) and not cheaper: "
                     "no matched-compute conclusion.")
         evidence = (f"Δ {what} = {self.effect:+.4g} [{self.ci_low:+.4g}, {self.ci_high:+.4g}] per {o.unit}, "
                     f"n = {self.n} {o.unit}s, {self.test}, BH-adjusted p = {self.p_adjusted:.3g} "
@@ -223,15 +223,15 @@ def assess(comparisons: Sequence[Comparison], alpha: float = ALPHA, k_tolerance:
             continue
         gap = comparison.candidate_k - comparison.reference_k
         if comparison.matched and not gap <= k_tolerance:   # NaN k̄ is not matched either
-            findings.append(Finding(comparison, "not matched", n))
+            findings.append(Finding(comparison, "not matched", n, k_tolerance=k_tolerance))
             continue
         result = paired_test(comparison.reference_values, comparison.candidate_values, comparison.outcome.kind)
         findings.append(Finding(comparison, "", n, test=result["test"], pvalue=result["pvalue"],
                                 effect=result["effect"], ci_low=result["ci_low"], ci_high=result["ci_high"],
-                                cohens_dz=result["cohens_dz"]))
+                                cohens_dz=result["cohens_dz"], k_tolerance=k_tolerance))
         tested.append(len(findings) - 1)
     if tested:
-        reject, adjusted, _, _ = multipletests([findings[i].pvalue for i in tested], alpha=alpha, method="fdr_bh")
+        adjusted, reject = bh_adjust([findings[i].pvalue for i in tested], alpha)
         for i, significant, p_adjusted in zip(tested, reject, adjusted):
             f = findings[i]
             c = f.comparison
@@ -244,3 +244,23 @@ def assess(comparisons: Sequence[Comparison], alpha: float = ALPHA, k_tolerance:
                 f.verdict = "no difference detected"
                 f.n_needed = n_needed(f.cohens_dz, alpha, power) if power else None
     return findings
+
+
+def bh_adjust(pvalues, alpha: float = ALPHA) -> tuple[np.ndarray, np.ndarray]:
+    """Benjamini–Hochberg over one family: (adjusted p-values, rejected at FDR ``alpha``)."""
+    reject, adjusted, _, _ = multipletests(np.asarray(pvalues, dtype=np.float64), alpha=alpha, method="fdr_bh")
+    return adjusted, reject
+
+
+def across_groups(values, groups) -> dict:
+    """Do ``values`` [n] differ across ``groups`` [n] (e.g. a document's mean experts across domains)?
+    Kruskal–Wallis (scipy), robust to the skew of count means; ``means`` per group for the statement."""
+    values, groups = np.asarray(values, dtype=np.float64), np.asarray(groups)
+    names = list(dict.fromkeys(groups.tolist()))
+    samples = [values[groups == name] for name in names]
+    if len(names) < 2 or np.ptp(values) == 0:
+        pvalue = 1.0          # one group, or every value equal: nothing can differ
+    else:
+        pvalue = float(stats.kruskal(*samples).pvalue)
+    return {"test": "Kruskal–Wallis", "n": int(values.size), "groups": len(names), "pvalue": pvalue,
+            "means": {name: float(sample.mean()) for name, sample in zip(names, samples)}}
