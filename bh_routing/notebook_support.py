@@ -45,6 +45,7 @@ import torch
 
 from . import __version__
 from . import experiments as ex
+from .evaluation import TASKS as EVAL_TASKS
 from . import plots
 
 # =========================================================================== sessions
@@ -1050,13 +1051,9 @@ def measured_rate(records: Sequence[Mapping], estimate: pd.DataFrame) -> float |
     return float(estimate["tokens"].sum() / seconds) if seconds else None
 
 
-def _quality_columns() -> dict[tuple[str, str], str]:
-    """(task, metric) -> column of the comparison table, for every metric the tasks declare."""
-    from .evaluation import TASKS
-    return {(task, metric.name): f"{task}_{metric.name}" for task, spec in TASKS.items() for metric in spec.metrics}
-
-
-QUALITY_COLUMNS = _quality_columns()
+QUALITY_COLUMNS = {(task, metric.name): f"{task}_{metric.name}"   # (task, metric) -> comparison-table column
+                   for task, spec in EVAL_TASKS.items() for metric in spec.metrics}
+HEADLINE_COLUMNS = tuple(f"{task}_{spec.headline.name}" for task, spec in EVAL_TASKS.items())  # one per task
 
 
 def comparison_table(runs: pd.DataFrame) -> pd.DataFrame:

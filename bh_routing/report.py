@@ -164,19 +164,24 @@ def comparisons_and_chance(runs: pd.DataFrame, load: _Results
     return comparisons, checks, notes
 
 
-def domains_table(runs: pd.DataFrame, load: _Results) -> pd.DataFrame:
-    """The domains task: per run and domain, token perplexity and mean experts per token (token-weighted)."""
+def per_domain(result: EvalResult) -> pd.DataFrame:
+    """One domains-task result per domain: documents, tokens, token perplexity and (with a recorder)
+    mean experts per token, token-weighted."""
     rows = []
-    for _, run in runs[(runs["status"] == "ok") & (runs["task"] == "domains")].iterrows():
-        items = load(run["run_id"]).items
-        for domain, frame in items.groupby("domain", sort=False):
-            row = {"label": run["label"], "strategy": run["strategy"], "domain": domain, "documents": len(frame),
-                   "tokens": int(frame["n_tokens"].sum()),
-                   "token_perplexity": math.exp(-frame["logprob"].sum() / frame["n_tokens"].sum())}
-            if "experts_per_token" in frame:
-                row["mean_experts"] = float(np.average(frame["experts_per_token"], weights=frame["n_tokens"]))
-            rows.append(row)
+    for domain, frame in result.items.groupby("domain", sort=False):
+        row = {"domain": domain, "documents": len(frame), "tokens": int(frame["n_tokens"].sum()),
+               "token_perplexity": math.exp(-frame["logprob"].sum() / frame["n_tokens"].sum())}
+        if "experts_per_token" in frame:
+            row["mean_experts"] = float(np.average(frame["experts_per_token"], weights=frame["n_tokens"]))
+        rows.append(row)
     return pd.DataFrame(rows)
+
+
+def domains_table(runs: pd.DataFrame, load: _Results) -> pd.DataFrame:
+    """The domains task: :func:`per_domain` of every ok run, with its label and strategy."""
+    frames = [per_domain(load(run["run_id"])).assign(label=run["label"], strategy=run["strategy"])
+              for _, run in runs[(runs["status"] == "ok") & (runs["task"] == "domains")].iterrows()]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def domain_allocation(runs: pd.DataFrame, load: _Results, alpha: float = fd.ALPHA) -> pd.DataFrame:
