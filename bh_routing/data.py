@@ -373,10 +373,37 @@ def data_versions(names: Iterable[str], source: str = "auto") -> dict[str, str]:
             for name in sorted(set(names))}
 
 
+DOMAIN_SAMPLE = ("assets", "tiny-olmoe", "validation_sample.jsonl.gz")
+
+
+def load_domains(source: str = "auto", n: int | None = None, seed: int | None = None) -> Dataset:
+    """Held-out documents of the bundled tiny OLMoE's four training domains (encyclopedia,
+    biomedical, math, code; 32 each, 16–256 of its tokens): records {"domain", "text"}, the domains
+    interleaved so that the first n records cover all four. Held out from the tiny model's training
+    (scripts/train_tiny_olmoe.py); for any other model it is simply text from four domains.
+    Bundled only (``source`` "auto" or "bundled")."""
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+    if source == "hub":
+        raise DataUnavailableError("the domains task has no hub copy: use source='bundled' (or 'auto')")
+    content = gzip.decompress(resources.files("bh_routing").joinpath(*DOMAIN_SAMPLE).read_bytes())
+    rows = [{"domain": row["domain"], "text": row["text"]} for row in _jsonl_rows(content)]
+    by_domain: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_domain.setdefault(row["domain"], []).append(row)
+    records = [group[i] for i in range(max(map(len, by_domain.values()))) for group in by_domain.values()
+               if i < len(group)]
+    if n is not None and not 0 <= n <= len(records):
+        raise DataUnavailableError(f"domains: n={n}, but the bundled sample holds {len(records)} documents")
+    provenance = Provenance("domains", "bundled", "/".join(DOMAIN_SAMPLE), len(records), n, seed,
+                            hashlib.sha256(content).hexdigest(), "held out from the tiny model's training")
+    return Dataset("domains", _subset(records, n, seed), provenance)
+
+
 def load(name: str, source: str = "auto", n: int | None = None, seed: int | None = None) -> Dataset:
-    """Load by name: "wikitext", "wikitext_documents", "hellaswag" or "lambada"."""
+    """Load by name: "wikitext", "wikitext_documents", "hellaswag", "lambada" or "domains"."""
     loaders = {"wikitext": load_wikitext, "wikitext_documents": load_wikitext_documents,
-               "hellaswag": load_hellaswag, "lambada": load_lambada}
+               "hellaswag": load_hellaswag, "lambada": load_lambada, "domains": load_domains}
     if name not in loaders:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(loaders)}")
     return loaders[name](source=source, n=n, seed=seed)

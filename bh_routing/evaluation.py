@@ -42,9 +42,11 @@ import pandas as pd
 import torch
 
 from . import data as data_module
+from .findings import Outcome
 
 LM_EVAL_SEMANTICS = "0.4.13"   # the lm-evaluation-harness version whose definitions are mirrored here
-TASK_NAMES = ("wikitext", "hellaswag", "lambada")
+TASK_NAMES = ("wikitext", "hellaswag", "lambada", "domains")
+LM_EVAL_TASK_NAMES = ("wikitext", "hellaswag", "lambada")   # the tasks lm-eval defines
 
 
 # ==================================================================================================
@@ -277,27 +279,81 @@ def _wikitext_results(docs, requests: pd.DataFrame):
     return items, metrics
 
 
+def _domains_requests(docs, tokenizer, max_length, stride):
+    prefix = prefix_token_id(tokenizer)
+    targets = encode(tokenizer, [doc["text"] for doc in docs])
+    return [make_request(item, window, ctx, cont, max_length)
+            for item, tokens in enumerate(targets)
+            for window, (ctx, cont) in enumerate(rolling_windows(tokens, prefix, max_length, stride))]
+
+
+def _domains_results(docs, requests: pd.DataFrame):
+    grouped = requests.groupby("item", sort=True)
+    items = pd.DataFrame({"logprob": grouped["logprob"].sum(), "n_tokens": grouped["n_tokens"].sum()}).reset_index()
+    items["domain"] = [docs[i]["domain"] for i in items["item"]]
+    metrics = {"token_perplexity": weighted_perplexity(items["logprob"], items["n_tokens"])}
+    for domain, frame in items.groupby("domain", sort=False):
+        metrics[f"token_perplexity_{domain}"] = weighted_perplexity(frame["logprob"], frame["n_tokens"])
+    return items, metrics
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric of a task: its name in `EvalResult.metrics`, its direction, and the accuracy a
+    guesser gets (`chance`; None when the metric is not an accuracy)."""
+    name: str
+    higher_is_better: bool
+    chance: float | None = None
+    description: str = ""
+
+
 @dataclass(frozen=True)
 class Task:
     """A task as data: where its documents come from, how they become requests, how per-request
-    log-likelihoods become per-item results and metrics, and its lm-eval equivalent."""
+    log-likelihoods become per-item results and metrics, its lm-eval equivalent, its metrics (the
+    first is the headline) and the per-item value paired comparisons test (`outcome`)."""
     name: str
     dataset: str                 # bh_routing.data.load name
-    lm_eval_task: str            # the task in bh_routing/lm_eval_tasks (= lm-eval's `lm_eval_source`)
-    lm_eval_source: str
+    lm_eval_task: str | None     # the task in bh_routing/lm_eval_tasks (None: no lm-eval equivalent)
+    lm_eval_source: str | None   # lm-eval's own task of the same name
     output_type: str             # lm-eval's output_type
     build_requests: Callable[..., list[Request]]
     process_results: Callable[..., tuple[pd.DataFrame, dict[str, float]]]
+    metrics: tuple[Metric, ...]
+    outcome: Outcome
     uses_stride: bool = False
 
+    @property
+    def headline(self) -> Metric:
+        return self.metrics[0]
 
+    def metric(self, name: str) -> Metric:
+        return next(m for m in self.metrics if m.name == name)
+
+
+_LOGLIKELIHOOD = "log-likelihood"
 TASKS: dict[str, Task] = {
     "wikitext": Task("wikitext", "wikitext_documents", "bh_wikitext", "wikitext", "loglikelihood_rolling",
-                     _wikitext_requests, _wikitext_results, uses_stride=True),
+                     _wikitext_requests, _wikitext_results,
+                     (Metric("word_perplexity", False, description="WikiText-2 word perplexity"),
+                      Metric("byte_perplexity", False), Metric("bits_per_byte", False),
+                      Metric("token_perplexity", False)),
+                     Outcome("logprob", "continuous", True, "article", _LOGLIKELIHOOD), uses_stride=True),
     "hellaswag": Task("hellaswag", "hellaswag", "bh_hellaswag", "hellaswag", "multiple_choice",
-                      _hellaswag_requests, _hellaswag_results),
+                      _hellaswag_requests, _hellaswag_results,
+                      (Metric("acc_norm", True, 0.25, "HellaSwag length-normalised accuracy (4 endings)"),
+                       Metric("acc", True, 0.25, "HellaSwag accuracy (4 endings)")),
+                      Outcome("acc_norm", "binary", True, "question", "acc_norm")),
     "lambada": Task("lambada", "lambada", "bh_lambada_openai", "lambada_openai", "loglikelihood",
-                    _lambada_requests, _lambada_results),
+                    _lambada_requests, _lambada_results,
+                    # chance: guessing a whole word from an open vocabulary is ≈ 0
+                    (Metric("acc", True, 0.0, "LAMBADA last-word accuracy (open vocabulary)"),
+                     Metric("perplexity", False)),
+                    Outcome("acc", "binary", True, "passage", "accuracy")),
+    "domains": Task("domains", "domains", None, None, "loglikelihood_rolling",
+                    _domains_requests, _domains_results,
+                    (Metric("token_perplexity", False, description="token perplexity on held-out domain text"),),
+                    Outcome("logprob", "continuous", True, "document", _LOGLIKELIHOOD), uses_stride=True),
 }
 
 
@@ -314,6 +370,17 @@ class Scores:
     experts: np.ndarray | None     # int16   [n_scored_tokens, n_layers]: experts used at the predicting position
     experts_all: np.ndarray | None  # float64 [n_layers]: sum of experts over every non-padding input position
     stats: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_softmax_dtype(softmax_dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """"float32" / torch.float32 / "bfloat16" ... -> torch dtype; None stays None (the logits' dtype)."""
+    if softmax_dtype is None or isinstance(softmax_dtype, torch.dtype):
+        return softmax_dtype
+    dtype = getattr(torch, str(softmax_dtype).replace("torch.", ""), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"softmax_dtype must be a floating dtype name such as 'float32', or None "
+                         f"(the model's dtype, as lm-eval), got {softmax_dtype!r}")
+    return dtype
 
 
 def _is_oom(error: BaseException) -> bool:
@@ -379,9 +446,11 @@ _MIN_LENGTH_RATIO = 0.8             # a batch holds sequences of at least 80 % o
 
 
 def _token_logprobs(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor] | None,
-                    targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                    targets: torch.Tensor, softmax_dtype: torch.dtype | None = torch.float32
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden [N, H] (or logits [N, V] when head is None), targets [N] -> (logprob [N] float32,
-    greedy [N] bool). The log-softmax is in float32 and in chunks, so [N, V] never exists at once."""
+    greedy [N] bool). The log-softmax is in `softmax_dtype` (None: the logits' own dtype, as lm-eval
+    does by default) and in chunks, so [N, V] never exists at once."""
     vocab = head.weight.shape[0] if head is not None and hasattr(head, "weight") else hidden.shape[-1]
     if hidden.device.type == "cpu":
         chunk = max(_CPU_MIN_CHUNK_ROWS, _CPU_LOGIT_CHUNK_BYTES // (4 * vocab))
@@ -390,15 +459,16 @@ def _token_logprobs(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.T
     logprobs, greedy = [], []
     for start in range(0, hidden.shape[0], chunk):
         h, t = hidden[start:start + chunk], targets[start:start + chunk]
-        logp = torch.log_softmax((head(h) if head is not None else h).float(), dim=-1)   # [n, V]
-        logprobs.append(logp.gather(1, t[:, None]).squeeze(1))
+        logp = torch.log_softmax(head(h) if head is not None else h, dim=-1, dtype=softmax_dtype)   # [n, V]
+        logprobs.append(logp.gather(1, t[:, None]).squeeze(1).float())
         greedy.append(logp.argmax(dim=-1) == t)
     return torch.cat(logprobs), torch.cat(greedy)
 
 
 def score_requests(model, requests: Sequence[Request], *, batch_size: int | str = "auto",
                    max_batch_tokens: int | None = None, padding_side: str = "right", pad_token_id: int = 0,
-                   share_prefix: bool = True, recorder=None, progress: bool = False) -> Scores:
+                   share_prefix: bool = True, recorder=None, progress: bool = False,
+                   softmax_dtype: str | torch.dtype | None = "float32") -> Scores:
     """Log-probabilities of every request's scored tokens, batched.
 
     batch_size: "auto" packs length-sorted requests under a token budget (`max_batch_tokens`, default
@@ -412,7 +482,11 @@ def score_requests(model, requests: Sequence[Request], *, batch_size: int | str 
         ignored with flash-attention.
     recorder: a `bh_routing.recording` recorder attached to `model` (optional): the experts used
         at each scored position, and summed over every non-padding position computed, are returned.
+    softmax_dtype: dtype of the log-softmax over the vocabulary ("float32", the default: exact to
+        float32 whatever the model's dtype), or None for the logits' own dtype — lm-eval's default
+        (`HFLM(softmax_dtype=None)`), which differs from float32 in fp16/bf16.
     """
+    softmax_dtype = resolve_softmax_dtype(softmax_dtype)
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     device = _model_device(model)
@@ -464,10 +538,11 @@ def score_requests(model, requests: Sequence[Request], *, batch_size: int | str 
         batch_units = [[requests[i] for i in unit] for unit in taken]
         try:
             if shared:
-                lp, gr, ex, ex_all, padded = _score_shared_batch(model, split, batch_units, device, pad_token_id, recorder)
+                lp, gr, ex, ex_all, padded = _score_shared_batch(model, split, batch_units, device, pad_token_id,
+                                                                 recorder, softmax_dtype)
             else:
                 lp, gr, ex, ex_all, padded = _score_batch(model, split, [u[0] for u in batch_units], device,
-                                                          padding_side, pad_token_id, recorder)
+                                                          padding_side, pad_token_id, recorder, softmax_dtype)
         except Exception as error:   # noqa: BLE001 -- only out-of-memory is handled
             if not _is_oom(error):
                 raise
@@ -511,12 +586,13 @@ def score_requests(model, requests: Sequence[Request], *, batch_size: int | str 
              "batch_size": batch_size if per_batch is None else per_batch,
              "max_batch_tokens": budget, "oom_retries": oom_retries, "padding_side": padding_side,
              "shared_prefix_groups": len(groups),
+             "softmax_dtype": str(softmax_dtype).replace("torch.", "") if softmax_dtype else "model dtype",
              "logits": "scored positions only" if split is not None else "full (model forward)"}
     return Scores(logprobs, greedy, offsets, experts, experts_all, stats)
 
 
 def _score_batch(model, split, batch: Sequence[Request], device, padding_side: str, pad_token_id: int,
-                 recorder):
+                 recorder, softmax_dtype):
     """One forward pass over a batch -> per request (logprobs, greedy, experts [n, L] | None), and the
     experts summed over all non-padding positions per layer (or None)."""
     width = max(r.input_length for r in batch)
@@ -545,10 +621,10 @@ def _score_batch(model, split, batch: Sequence[Request], device, padding_side: s
         if split is not None:
             decoder, head = split
             hidden = decoder(**kwargs).last_hidden_state                                # [B, T, H]
-            lp, gr = _token_logprobs(hidden[rows_t, cols_t], head, targets_t)           # [N]
+            lp, gr = _token_logprobs(hidden[rows_t, cols_t], head, targets_t, softmax_dtype)   # [N]
         else:
             logits = model(**kwargs).logits                                             # [B, T, V]
-            lp, gr = _token_logprobs(logits[rows_t, cols_t], None, targets_t)
+            lp, gr = _token_logprobs(logits[rows_t, cols_t], None, targets_t, softmax_dtype)
 
     ex = ex_all = None
     if recorder is not None:
@@ -586,7 +662,8 @@ def _unit_tokens(requests: Sequence[Request], unit: Sequence[int]) -> int:
         requests[i].input_length if len(unit) == 1 else requests[i].n_scored for i in unit)
 
 
-def _score_shared_batch(model, split, groups: Sequence[Sequence[Request]], device, pad_token_id: int, recorder):
+def _score_shared_batch(model, split, groups: Sequence[Sequence[Request]], device, pad_token_id: int, recorder,
+                        softmax_dtype):
     """Groups of requests sharing their unscored prefix, one packed row per group:
 
         [prefix | member 1's scored part | member 2's | ...]   positions 0..P-1 | P.. | P.. | ...
@@ -630,7 +707,7 @@ def _score_shared_batch(model, split, groups: Sequence[Sequence[Request]], devic
         hidden = decoder(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                          position_ids=position_ids.to(device), use_cache=False).last_hidden_state   # [B, W, H]
         lp, gr = _token_logprobs(hidden.reshape(-1, hidden.shape[-1])[flat_cols.to(device)], head,
-                                 torch.tensor(targets, device=device))
+                                 torch.tensor(targets, device=device), softmax_dtype)
 
     members = [r for group in groups for r in group]
     ex = ex_all = None
@@ -835,7 +912,8 @@ def evaluate(model, tokenizer, task: str, *, n: int | None = None, seed: int | N
              max_length: int | None = None, stride: int | None = None, batch_size: int | str = "auto",
              max_batch_tokens: int | None = None, padding_side: str = "right", share_prefix: bool = True,
              recorder=None, model_id: str | None = None, routing_config: Any = None,
-             backend: str = "native", progress: bool = False, wikitext_part: str = "evaluation") -> EvalResult:
+             backend: str = "native", progress: bool = False, wikitext_part: str = "evaluation",
+             softmax_dtype: str | torch.dtype | None = "float32") -> EvalResult:
     """Evaluate `model` (patched or not) on one task; see the module docstring for definitions.
 
     task: "wikitext", "hellaswag" or "lambada".
@@ -851,7 +929,11 @@ def evaluate(model, tokenizer, task: str, *, n: int | None = None, seed: int | N
     model_id, routing_config: recorded in `config` (what was evaluated).
     backend: "native" (this module) or "lm-eval" (lm_eval.simple_evaluate on the same documents;
         metrics and per-item log-likelihoods only).
+    softmax_dtype: "float32" (default: scores exact to float32 in any model dtype) or None (the
+        model's dtype, lm-eval's default: identical numbers to lm-eval in fp16/bf16). Passed to
+        lm-eval's HFLM as its `softmax_dtype` with backend="lm-eval".
     """
+    resolve_softmax_dtype(softmax_dtype)   # a bad name fails before any work
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {TASK_NAMES}")
     spec = TASKS[task]
@@ -875,6 +957,7 @@ def evaluate(model, tokenizer, task: str, *, n: int | None = None, seed: int | N
         "backend": backend, "model_id": model_id or _model_id(model), "model_class": type(model).__name__,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "device": str(_model_device(model)),
         "routing_config": _jsonable(routing_config),
+        "softmax_dtype": str(resolve_softmax_dtype(softmax_dtype) or "model dtype").replace("torch.", ""),
         "n_items": len(docs), "data": provenance, "max_length": max_length,
         "stride": (stride or max_length) if spec.uses_stride else None,
         "versions": {"torch": torch.__version__, "transformers": _version("transformers"),
@@ -882,12 +965,14 @@ def evaluate(model, tokenizer, task: str, *, n: int | None = None, seed: int | N
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if backend == "lm-eval":
+        if spec.lm_eval_task is None:
+            raise ValueError(f"{task} has no lm-eval equivalent: use backend='native'")
         if provenance.get("source") == "given":
             raise ValueError("backend='lm-eval' reads documents through bh_routing.data: pass n/seed/source")
         if stride is not None and stride != max_length:
             raise ValueError("backend='lm-eval' scores WikiText with non-overlapping windows only (stride=None)")
         return _evaluate_lm_eval(model, tokenizer, spec, docs, config, n=n, seed=seed, source=source,
-                                 batch_size=batch_size, wikitext_part=wikitext_part)
+                                 batch_size=batch_size, wikitext_part=wikitext_part, softmax_dtype=softmax_dtype)
     if backend != "native":
         raise ValueError(f"backend must be 'native' or 'lm-eval', got {backend!r}")
 
@@ -897,7 +982,7 @@ def evaluate(model, tokenizer, task: str, *, n: int | None = None, seed: int | N
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix_token_id(tokenizer)
     scores = score_requests(model, requests, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
                             padding_side=padding_side, pad_token_id=pad, share_prefix=share_prefix,
-                            recorder=recorder, progress=progress)
+                            recorder=recorder, progress=progress, softmax_dtype=softmax_dtype)
     offsets = scores.offsets
     request_logprobs = np.add.reduceat(scores.logprobs.astype(np.float64), offsets[:-1]) if len(requests) else []
     table = pd.DataFrame({
@@ -924,7 +1009,7 @@ def evaluate(model, tokenizer, task: str, *, n: int | None = None, seed: int | N
                       token_request, scores.experts, routing, config)
 
 
-def evaluate_tasks(model, tokenizer, tasks: Iterable[str] = TASK_NAMES, **kwargs) -> dict[str, EvalResult]:
+def evaluate_tasks(model, tokenizer, tasks: Iterable[str] = LM_EVAL_TASK_NAMES, **kwargs) -> dict[str, EvalResult]:
     """`evaluate` for several tasks with the same settings (stride applies to wikitext only)."""
     stride = kwargs.pop("stride", None)
     return {task: evaluate(model, tokenizer, task, stride=stride if TASKS[task].uses_stride else None, **kwargs)
@@ -963,7 +1048,7 @@ def _version(package: str) -> str | None:
 # ==================================================================================================
 
 def _evaluate_lm_eval(model, tokenizer, spec: Task, docs, config, *, n, seed, source, batch_size,
-                      wikitext_part) -> EvalResult:
+                      wikitext_part, softmax_dtype) -> EvalResult:
     """Run lm_eval.simple_evaluate on this task's YAML (bh_routing/lm_eval_tasks), same documents."""
     try:
         import lm_eval
@@ -975,7 +1060,8 @@ def _evaluate_lm_eval(model, tokenizer, spec: Task, docs, config, *, n, seed, so
 
     started = time.perf_counter()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, max_length=config["max_length"],
-              batch_size=batch_size if batch_size != "auto" else 1, device=config["device"])
+              batch_size=batch_size if batch_size != "auto" else 1, device=config["device"],
+              softmax_dtype=softmax_dtype)
     manager = TaskManager(include_path=TASK_DIR, include_defaults=False,
                           metadata={"bh_n": n, "bh_seed": seed, "bh_source": source,
                                     "bh_wikitext_part": wikitext_part})

@@ -32,7 +32,7 @@ from .pvalues import CALIBRATED, Calibration, ResolutionError, calibration_requi
 from .selection import as_real, build_router
 from .store import ResultStore, latest_by_run, write_json
 
-TASKS = ("wikitext", "hellaswag", "lambada", "prompts")
+TASKS = ("wikitext", "hellaswag", "lambada", "domains", "prompts")
 CALIBRATION_FILE = "calibration.safetensors"  # a sweep folder keeps the calibration of its context
 
 

@@ -27,6 +27,24 @@ TINY_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny-olmoe"
 OLMOE_1B_7B = "allenai/OLMoE-1B-7B-0924"
 _BUILTIN_OLMOE = "builtin:olmoe-1b-7b"      # plan_for() falls back to the built-in config offline
 
+
+
+def is_bundled(model_id: str | None) -> bool:
+    """True for the bundled tiny model, named 'tiny' or by its folder."""
+    return model_id is not None and (model_id == TINY or Path(str(model_id)).resolve() == TINY_MODEL_DIR)
+
+
+def describe_model(model_id: str | None) -> str:
+    """How reports, notebooks and figures name a model: the bundled tiny model as what it is (its
+    parameter count read from its metrics.json), any other model by its id."""
+    if not is_bundled(model_id):
+        return str(model_id)
+    import json
+    n_params = json.loads((TINY_MODEL_DIR / "metrics.json").read_text())["architecture"]["n_params"]
+    return (f"bundled tiny OLMoE ({n_params / 1e6:.1f} M-parameter pipeline model trained on four small domains; "
+            "demonstrates the method, not evidence about OLMoE)")
+
+
 GIB = 1024 ** 3
 MIB = 1024 ** 2
 

@@ -45,6 +45,7 @@ import torch
 
 from . import __version__
 from . import experiments as ex
+from .evaluation import TASKS as EVAL_TASKS
 from . import plots
 
 # =========================================================================== sessions
@@ -178,7 +179,8 @@ class Session:
 
     @property
     def subtitle(self) -> str:
-        return f"{self.model_id} · {str(self.dtype).replace('torch.', '')} · budget {self.budget_name}"
+        from .models import describe_model
+        return f"{describe_model(self.model_id)} · {str(self.dtype).replace('torch.', '')} · budget {self.budget_name}"
 
     @property
     def elapsed(self) -> float:
@@ -536,13 +538,16 @@ def coactivation_pairs(sample: RoutingSample, layer: int, n: int = 10, min_token
     return frame.sort_values(["lift", "together"], ascending=False).head(n).reset_index(drop=True)
 
 
-def domain_usage(sample: RoutingSample, layer: int, indices: np.ndarray | None = None) -> pd.DataFrame:
+def domain_usage(sample: RoutingSample, layer: int, indices: np.ndarray | None = None,
+                 min_tokens: int = 0) -> pd.DataFrame:
     """source × expert: share of the source's top-k assignments that go to each expert in ``layer``
-    (rows sum to 1); the last row ``all`` pools every source. ``indices``: ``sample.native_indices()``
-    if already computed."""
+    (rows sum to 1); the last row ``all`` pools every source. Sources with fewer than ``min_tokens``
+    tokens (a 25-token prompt) are left out: their usage is noise, not specialisation.
+    ``indices``: ``sample.native_indices()`` if already computed."""
     indices = (sample.native_indices() if indices is None else indices)[layer]  # [T, k]
     rows = {}
-    for name in sample.sources + ["all"]:
+    kept = [name for name in sample.sources if (sample.source == name).sum() >= min_tokens]
+    for name in kept + ["all"]:
         mine = indices if name == "all" else indices[sample.source == name]
         counts = np.bincount(mine.ravel(), minlength=sample.num_experts).astype(np.float64)
         rows[name] = counts / max(counts.sum(), 1)
@@ -633,16 +638,17 @@ def token_view(sample: RoutingSample, tokenizer, text: int) -> pd.DataFrame:
 
 
 def describe_baseline(stats: pd.DataFrame, conc: pd.DataFrame, spec: pd.DataFrame | None, num_experts: int,
-                      top_k: int) -> list[str]:
-    """Key observations of notebook 01 as sentences, every number from the tables given."""
+                      top_k: int, model_id: str | None = None) -> list[str]:
+    """Key observations of notebook 01 as sentences, every number from the tables given; the first
+    names the model they are about (the bundled one as what it is)."""
     uniform_top1, uniform_mass = 1 / num_experts, top_k / num_experts
     first, last = stats.iloc[0], stats.iloc[-1]
     peak = stats.loc[stats["max_weight_mean"].idxmax()]
     flat = stats.loc[stats["entropy_norm"].idxmax()]
     lines = [
-        f"The router is {'flat' if stats['max_weight_mean'].mean() < 0.3 else 'peaked'}: the largest mixing weight "
-        f"averages {stats['max_weight_mean'].mean():.3f} over layers (range {stats['max_weight_mean'].min():.3f}–"
-        f"{stats['max_weight_mean'].max():.3f}; uniform routing would give {uniform_top1:.3f}).",
+        f"The largest mixing weight averages {stats['max_weight_mean'].mean():.3f} over layers (range "
+        f"{stats['max_weight_mean'].min():.3f}–{stats['max_weight_mean'].max():.3f}), "
+        f"{stats['max_weight_mean'].mean() / uniform_top1:.1f}× the {uniform_top1:.3f} of uniform routing.",
         f"The native top-{top_k} carry {stats['topk_mass'].mean():.1%} of the probability mass on average "
         f"(uniform: {uniform_mass:.1%}), so {stats['mass_left_out'].mean():.1%} is left out; the most is left out "
         f"in layer {int(stats.loc[stats['mass_left_out'].idxmax(), 'layer'])} "
@@ -652,6 +658,9 @@ def describe_baseline(stats: pd.DataFrame, conc: pd.DataFrame, spec: pd.DataFram
         f"{int(peak['layer'])} (top-1 weight {peak['max_weight_mean']:.3f}); from the first to the last layer "
         f"entropy goes {first['entropy_norm']:.2f} → {last['entropy_norm']:.2f}.",
     ]
+    if model_id is not None:
+        from .models import describe_model
+        lines.insert(0, f"Model: {describe_model(model_id)}; every observation below is about this model.")
     top1 = conc[conc["k"] == 1]["mass"].mean()
     half = conc[conc["k"] == max(1, top_k // 2)]["mass"].mean()
     lines.append(f"Concentration: the top-1 expert holds {top1:.1%} of the mass, the top-{max(1, top_k // 2)} "
@@ -1025,20 +1034,29 @@ def format_duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def measured_rate(records: Sequence[Mapping]) -> float | None:
-    """Input tokens per second over the finished evaluation runs of a sweep (None if none)."""
-    rates = [r["tokens_per_s"] for r in records if r.get("status") == "ok" and r.get("tokens_per_s")
-             and r.get("task") != "prompts"]
-    return float(np.median(rates)) if rates else None
+def representative_runs(runs: Sequence["ex.Run"], limit: int = 8) -> list["ex.Run"]:
+    """A mix to time before estimating the rest: runs of every task and as many strategies as
+    ``limit`` allows, taken round-robin over tasks (the cheapest run alone under-estimates)."""
+    per_task: dict[str, list] = {}
+    for run in runs:
+        strategies = {r.routing.get("strategy") for r in per_task.get(run.task, [])}
+        if run.task != "prompts" and run.routing.get("strategy") not in strategies:
+            per_task.setdefault(run.task, []).append(run)
+    mix = [run for i in range(max(map(len, per_task.values()), default=0))
+           for queue in per_task.values() if i < len(queue) for run in [queue[i]]]
+    return mix[:limit]
 
 
-QUALITY_COLUMNS = {  # (task, metric) -> column of the comparison table
-    ("wikitext", "word_perplexity"): "wikitext_ppl",
-    ("hellaswag", "acc"): "hellaswag_acc",
-    ("hellaswag", "acc_norm"): "hellaswag_acc_norm",
-    ("lambada", "acc"): "lambada_acc",
-    ("lambada", "perplexity"): "lambada_ppl",
-}
+def measured_rate(records: Sequence[Mapping], estimate: pd.DataFrame) -> float | None:
+    """Tokens per second of a timed mix: the mix's estimated tokens (``estimate_sweep`` of its runs)
+    over the seconds its records took (None if none finished)."""
+    seconds = sum(r["seconds"] for r in records if r.get("status") == "ok" and r.get("seconds"))
+    return float(estimate["tokens"].sum() / seconds) if seconds else None
+
+
+QUALITY_COLUMNS = {(task, metric.name): f"{task}_{metric.name}"   # (task, metric) -> comparison-table column
+                   for task, spec in EVAL_TASKS.items() for metric in spec.metrics}
+HEADLINE_COLUMNS = tuple(f"{task}_{spec.headline.name}" for task, spec in EVAL_TASKS.items())  # one per task
 
 
 def comparison_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -1067,9 +1085,11 @@ def comparison_table(runs: pd.DataFrame) -> pd.DataFrame:
     return table[ordered].sort_values(["group", "mean_experts"], kind="stable").reset_index(drop=True)
 
 
-def _family(label: str) -> str:
-    """'BH empirical @k̄=4' -> 'BH empirical'; 'top-4' -> 'top-k'."""
-    return re.sub(r"^top-\d+$", "top-k", re.sub(r" @k̄=.*$", "", str(label)))
+def _family(row) -> str:
+    """A run's strategy family from its routing knobs: 'top-k', 'BH empirical', 'top_p', ..."""
+    if row["strategy"] in ("bh", "by"):
+        return f"{'BH' if row['strategy'] == 'bh' else 'BY'} {row.get('pvalues') or 'empirical'}"
+    return "top-k" if row["strategy"] == "topk" else str(row["strategy"])
 
 
 def new_runs(existing: Sequence["ex.Run"], extra: Sequence["ex.Run"]) -> list["ex.Run"]:
@@ -1083,14 +1103,13 @@ def new_runs(existing: Sequence["ex.Run"], extra: Sequence["ex.Run"]) -> list["e
 
 
 def matched_table(runs: pd.DataFrame, metric: str = "word_perplexity", task: str = "wikitext") -> pd.DataFrame:
-    """Matched compute on ``task``: per target k̄ the adaptive strategies tuned to it (groups
-    'matched k=…') and top-k at k = k̄ (from any group): ``target_k``, ``family``, ``label``,
-    achieved ``mean_experts`` and ``metric``."""
+    """Matched compute on ``task``: per target k̄ the adaptive strategies calibrated to it (their
+    ``target_k``) and top-k at k = k̄: ``target_k``, ``family``, ``label``, achieved ``mean_experts``
+    and ``metric`` (descriptive; the report's findings say which differences are supported)."""
     ok = runs[(runs["status"] == "ok") & (runs["task"] == task)]
-    matched = ok[ok["group"].astype(str).str.startswith("matched k=")]
+    matched = ok[ok["target_k"].notna()]
     if matched.empty:
         return pd.DataFrame(columns=["target_k", "family", "label", "mean_experts", metric])
-    matched = matched.assign(target_k=matched["group"].str.removeprefix("matched k=").astype(float))
     frames = [matched]
     topk = ok[(ok["strategy"] == "topk")]
     for target in sorted(matched["target_k"].unique()):
@@ -1098,12 +1117,12 @@ def matched_table(runs: pd.DataFrame, metric: str = "word_perplexity", task: str
             reference = topk[topk["k"].astype(float) == target].head(1)
             frames.append(reference.assign(target_k=target))
     frame = pd.concat(frames, ignore_index=True)
-    frame["family"] = frame["label"].map(_family)
+    frame["family"] = frame.apply(_family, axis=1)
     return (frame[["target_k", "family", "label", "mean_experts", metric]]
             .sort_values(["target_k", "family"]).reset_index(drop=True))
 
 
-_FAMILY_STYLE = {"top-k": ("topk", "--"), "BH empirical": ("bh", "-"), "BH zscore": ("by", "-"), "top-p": ("top_p", "-"),
+_FAMILY_STYLE = {"top-k": ("topk", "--"), "BH empirical": ("bh", "-"), "BH zscore": ("by", "-"), "top_p": ("top_p", "-"),
                  "threshold": ("threshold", "-"), "ratio": ("ratio", "-")}
 
 
@@ -1125,48 +1144,6 @@ def plot_matched_compute(matched: pd.DataFrame, metric: str = "word_perplexity",
         ax.legend()
         return _title(fig, f"Matched compute: {metric.replace('_', ' ')} at k̄ = "
                            + ", ".join(f"{k:g}" for k in sorted(matched["target_k"].unique())), subtitle)
-
-
-def headline_findings(table: pd.DataFrame, comparison: pd.DataFrame | None = None, native_label: str = "top-8") -> list[str]:
-    """Sentences for notebook 03's key findings, from :func:`comparison_table` and the report's
-    ``comparison.csv`` (paired tests vs native top-8)."""
-    lines = []
-    native = table[table["label"] == native_label]
-    if native.empty:
-        return ["Native top-8 is not among the finished runs: no comparison to make yet."]
-    native = native.iloc[0]
-    for column, name, higher in (("wikitext_ppl", "WikiText word perplexity", False),
-                                 ("hellaswag_acc_norm", "HellaSwag acc_norm", True), ("lambada_acc", "LAMBADA accuracy", True)):
-        if column not in table or pd.isna(native.get(column)):
-            continue
-        frame = table.dropna(subset=[column, "mean_experts"])
-        fewer = frame[frame["mean_experts"] < native["mean_experts"] - 1e-9]
-        if fewer.empty:
-            continue
-        best = fewer.loc[fewer[column].idxmax() if higher else fewer[column].idxmin()]
-        delta = best[column] - native[column]
-        lines.append(f"**{name}**: native top-8 {native[column]:.4g}; the best configuration with fewer experts is "
-                     f"*{best['label']}* (k̄ = {best['mean_experts']:.2f}) at {best[column]:.4g} "
-                     f"({'+' if delta >= 0 else ''}{delta:.4g}).")
-    bh = table[table["strategy"] == "bh"]
-    if not bh.empty:
-        lines.append(f"BH configurations use {bh['mean_experts'].min():.2f}–{bh['mean_experts'].max():.2f} experts per "
-                     f"token; their floor (min_k) rate is {bh['floor_rate'].min():.0%}–{bh['floor_rate'].max():.0%}, "
-                     "so a high floor rate marks a 'BH' result that is really top-1.")
-    if comparison is not None and len(comparison) and "ppl_ratio_ci_low" in comparison:
-        wiki = comparison[comparison["task"] == "wikitext"]
-        if len(wiki):
-            worse = int((wiki["ppl_ratio_ci_low"] > 1).sum())
-            better = int((wiki["ppl_ratio_ci_high"] < 1).sum())
-            articles = int(wiki["n"].max()) if "n" in wiki and wiki["n"].notna().any() else None
-            line = (f"Paired bootstrap over WikiText articles: {worse} of {len(wiki)} configurations have a perplexity "
-                    f"ratio to native top-8 whose 95 % CI lies above 1 (worse), {better} below 1 (better); the rest "
-                    "are not distinguishable at this budget.")
-            if articles is None or articles < 10:
-                line += (f" With {articles or 'fewer than 2'} article(s) these intervals resample almost nothing: "
-                         "read them as descriptive, and use a larger budget for inference.")
-            lines.append(line)
-    return lines
 
 
 # =========================================================================== figures

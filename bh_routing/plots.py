@@ -15,6 +15,7 @@ The usual table is ``runs``: one row per (configuration, dataset) run, with colu
 from __future__ import annotations
 
 import contextlib
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -86,7 +87,9 @@ def _figure(ncols: int = 1, nrows: int = 1, width: float = 6.4, height: float = 
 
 
 def _title(fig: Figure, title: str, subtitle: str | None) -> Figure:
-    fig.suptitle(title if not subtitle else f"{title}\n{subtitle}")
+    # a long subtitle (the bundled model's description) wraps to the figure's width
+    width = max(40, int(fig.get_figwidth() * 12))
+    fig.suptitle(title if not subtitle else f"{title}\n{textwrap.fill(subtitle, width)}")
     return fig
 
 
@@ -427,6 +430,23 @@ def plot_experts_by_category(frame: pd.DataFrame, category: str = "category", va
         ax.set_ylabel(label_for(value))
         ax.tick_params(axis="x", labelrotation=30)
         return _title(fig, "Experts by prompt category", subtitle)
+
+
+def plot_grouped_bars(frame: pd.DataFrame, x: str, y: str, hue: str, title: str, subtitle: str | None = None,
+                      xlabel: str | None = None, ylabel: str | None = None) -> Figure:
+    """Bars of ``y`` per ``x`` group, one bar per ``hue`` value; the legend sits beside the axes,
+    never over the bars."""
+    with _style():
+        fig, axes = _figure(width=min(12.0, max(6.4, 0.12 * frame[x].nunique() * frame[hue].nunique() + 4)))
+        ax = axes[0, 0]
+        sns.barplot(data=frame, x=x, y=y, hue=hue, ax=ax, palette="colorblind")
+        ax.tick_params(axis="x", labelrotation=30)
+        for tick in ax.get_xticklabels():
+            tick.set_horizontalalignment("right")
+        ax.set_xlabel(xlabel or label_for(x))
+        ax.set_ylabel(ylabel or label_for(y))
+        ax.legend(fontsize=7, title=hue, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        return _title(fig, title, subtitle)
 
 
 def plot_experts_vs_latency(runs: pd.DataFrame, x: str = "mean_experts", y: str = "latency_ms",

@@ -1,49 +1,66 @@
-"""Turn a sweep folder into tables, statistics, figures and REPORT.md.
+"""A sweep folder → one :class:`Report`: runs, paired comparisons, findings, figures, Markdown.
 
-``results/<run-name>/`` after :func:`build_report`:
-  results.jsonl          one record per run (written by the sweep)
-  runs.csv               one row per run: config knobs, mean experts, floor/ceiling, quality, speed
+:func:`build_report` only *reads* the folder; :meth:`Report.write` writes the report's files (into
+the sweep folder or anywhere else); a notebook displays the object itself (``_repr_markdown_``).
+
+What a report concludes comes from :mod:`bh_routing.findings`: every run is compared with native
+top-8 on the same items (and a compute-matched run with top-k at its target k̄), each comparison by
+a paired test over items of its task's outcome (`evaluation.TASKS[task].outcome`), Benjamini–Hochberg
+over all the comparisons of the report. Accuracy tasks whose native top-8 is within its CI of chance
+give "at chance on this model: no conclusion". Pareto frontiers are descriptive (point estimates).
+
+Files written by :meth:`Report.write`:
+  runs.csv               one row per run: config knobs, mean experts, floor/ceiling, quality
+  comparison.csv         one row per comparison: test, effect, CI, n, p, BH-adjusted p, verdict
+  domains.csv            the domains task: token perplexity and mean experts per domain and run
   experts_per_layer.csv  mean experts per token per layer and run
-  comparison.csv         each run vs native top-8 on the same task: paired tests, each with its unit
   prompts.csv            prompt-suite runs: one row per prompt and configuration
-  analysis_summary.json  the headline numbers with the context (model, data, settings) behind them
-  *.png                  figures; REPORT.md embeds them
+  analysis_summary.json  context, chance checks and findings
+  *.png, REPORT.md       figures and the report that embeds them
 
 Read-only on the results: ``results.jsonl`` is never written (damaged lines are skipped and named;
-the next sweep sets them aside), and only the records of the folder's context are reported — any
-others (a folder from before contexts were stored) are counted and named in REPORT.md.
+the next sweep sets them aside), only the records of the folder's context are reported (any others,
+in a folder from before contexts were stored, are counted and named), and runs whose saved results
+are missing are left out of the tests and named (a resumed sweep recomputes them).
 """
 from __future__ import annotations
 
 import html
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 
-from . import analysis, plots
+from . import findings as fd
+from . import plots
+from .evaluation import TASKS, EvalResult
+from .models import describe_model
 from .selection import ADAPTIVE_DEFAULTS, STEPUP_DEFAULTS
 from .folder import PER_TASK_KEYS, read_context
 from .store import latest_by_run, read_results, write_atomic, write_json
 
-QUALITY = {  # task -> (metric, higher is better): the number a Pareto plot of that task shows
-    "wikitext": ("word_perplexity", False),
-    "hellaswag": ("acc_norm", True),
-    "lambada": ("acc", True),
-}
 KNOB_COLUMNS = ("k", "alpha", "pvalues", "temperature", "weights_temperature", "min_k", "max_k", "p", "tau", "beta")
+NATIVE_K = 8
+FIXED_K_STRATEGIES = ("topk", "topk_renorm", "topk_uniform")   # experts per token fixed by the config
+TIMING_NOTE = ("Throughput is not shown: a sweep times each run once, without warm-up, while other runs "
+               "and processes share the machine, so its tokens/s are not comparable across configurations.")
 
 
 def runs_table(records: list[dict]) -> pd.DataFrame:
+    """One row per run record: label, task, strategy, knobs (BH defaults filled in), mean experts,
+    floor/ceiling rates, metrics, and two structured roles: ``native`` (top-k at k = 8, the
+    reference) and ``target_k`` (a run calibrated to a mean k̄: compared with top-k at that k)."""
     rows = []
     for r in records:
         routing = r.get("routing") or {}
         row = {"run_id": r["run_id"], "label": r["label"], "group": r.get("group", ""), "task": r["task"],
                "strategy": r.get("strategy") or routing.get("strategy"), "status": r["status"],
                "n_items": r.get("n_items", r.get("n")), "max_length": r.get("max_length"),
-               "seconds": r.get("seconds"), "tokens_per_s": r.get("tokens_per_s"),
+               "seconds": r.get("seconds"), "tokens_per_s_single_pass": r.get("tokens_per_s"),
                "mean_experts": (r.get("experts") or {}).get("mean_experts"),
                "floor_rate": r.get("floor_rate"), "ceiling_rate": r.get("ceiling_rate"),
                "error": r.get("error")}
@@ -53,64 +70,15 @@ def runs_table(records: list[dict]) -> pd.DataFrame:
         if routing.get("strategy") in ("bh", "by"):  # show the defaults build_router applied
             row |= {knob: default for knob, default in {**ADAPTIVE_DEFAULTS, **STEPUP_DEFAULTS}.items()
                     if row.get(knob) is None}
-        row["target_k"] = (routing.get("calibrated") or {}).get("target_k")
+        row["target_k"] = (routing.get("calibrated") or {}).get("target_k", routing.get("target_k"))
+        row["native"] = (row["strategy"] == "topk" and routing.get("k") in (NATIVE_K, None)
+                         and row["target_k"] is None)
         row |= {name: value for name, value in (r.get("metrics") or {}).items()}
         rows.append(row)
     frame = pd.DataFrame(rows)
     if not frame.empty:
-        frame["reduction_pct"] = 100.0 * (1.0 - frame["mean_experts"].astype(float) / 8)
+        frame["reduction_pct"] = 100.0 * (1.0 - frame["mean_experts"].astype(float) / NATIVE_K)
     return frame
-
-
-def _is_native(row) -> bool:
-    return row["strategy"] == "topk" and row.get("k") in (8, None)
-
-
-def _load_result(folder: Path, run_id: str, missing: list[str]):
-    """The run's saved EvalResult, or None (named in ``missing``) when its files are gone or damaged."""
-    from .evaluation import EvalResult
-    try:
-        return EvalResult.load(folder / "runs" / run_id)
-    except (OSError, ValueError, KeyError) as error:  # np.load / json: missing or truncated files
-        missing.append(f"{run_id} ({type(error).__name__})")
-        return None
-
-
-def paired_comparisons(folder: Path, runs: pd.DataFrame, missing: list[str] | None = None) -> pd.DataFrame:
-    """Every ok run against native top-8 on the same task, on the same items/tokens. Runs whose
-    saved results are missing are skipped and listed in ``missing`` (a resumed sweep redoes them)."""
-    missing = [] if missing is None else missing
-    rows = []
-    ok = runs[runs["status"] == "ok"]
-    for task, frame in ok[ok["task"].isin(QUALITY)].groupby("task"):
-        natives = frame[frame.apply(_is_native, axis=1)]
-        if natives.empty:
-            continue
-        base = _load_result(folder, natives.iloc[0]["run_id"], missing)
-        if base is None:
-            continue
-        for _, run in frame.iterrows():
-            if run["run_id"] == natives.iloc[0]["run_id"]:
-                continue
-            other = _load_result(folder, run["run_id"], missing)
-            if other is None:
-                continue
-            if not np.array_equal(base.token_ids, other.token_ids):
-                continue  # different items or max_length: not paired
-            row = {"task": task, "label": run["label"], "strategy": run["strategy"],
-                   "mean_experts": run["mean_experts"]}
-            boot = analysis.bootstrap_perplexity_ratio(base.token_logprobs, other.token_logprobs,
-                                                       groups=base.token_item, group_unit="item")
-            row |= {"ppl_ratio": boot["ratio"], "ppl_ratio_ci_low": boot["ci_low"],
-                    "ppl_ratio_ci_high": boot["ci_high"], "ppl_ratio_unit": boot["unit"]}
-            metric = {"wikitext": "logprob", "hellaswag": "acc_norm", "lambada": "acc"}[task]
-            if len(base.items) >= 2:
-                test = analysis.paired_comparison(base.items[metric].to_numpy(float),
-                                                  other.items[metric].to_numpy(float), unit=f"item ({metric})")
-                row |= {f"{key}": test[key] for key in ("unit", "n", "mean_difference", "ci_low", "ci_high",
-                                                        "t_pvalue", "wilcoxon_pvalue", "cohens_dz")}
-            rows.append(row)
-    return pd.DataFrame(rows)
 
 
 def prompts_table(records: list[dict]) -> pd.DataFrame:
@@ -119,12 +87,13 @@ def prompts_table(records: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _markdown(frame: pd.DataFrame, columns: list[str], digits: int = 3) -> str:
-    frame = frame[[c for c in columns if c in frame]]
+def markdown_table(frame: pd.DataFrame, columns: list[str] | None = None, digits: int = 3) -> str:
+    frame = frame if columns is None else frame[[c for c in columns if c in frame]]
     if frame.empty:
         return "_(none)_\n"
+
     def cell(v):
-        if isinstance(v, float):
+        if isinstance(v, (float, np.floating)):
             return "–" if math.isnan(v) else f"{v:.{digits}g}" if abs(v) < 1000 else f"{v:,.0f}"
         return "–" if v is None else escape(v)
     lines = ["| " + " | ".join(escape(c) for c in frame.columns) + " |", "|" + "---|" * len(frame.columns)]
@@ -144,49 +113,340 @@ def _budget(frame: pd.DataFrame) -> str:
             + (f", max_length {int(length.iloc[0])}" if len(length) else ""))
 
 
-def _figures(folder: Path, runs: pd.DataFrame, prompts: pd.DataFrame, subtitle: str) -> list[tuple[str, str]]:
-    ok = runs[runs["status"] == "ok"].copy()
-    made = []
+# --------------------------------------------------------------------------- comparisons
 
-    def keep(name, fig, caption):
-        plots.save(fig, folder / f"{name}.png")
-        made.append((f"{name}.png", caption))
 
-    for task, (metric, higher) in QUALITY.items():
-        frame = ok[(ok["task"] == task)].dropna(subset=["mean_experts"])
-        if metric in frame and len(frame) >= 2:
-            keep(f"pareto_{task}", plots.plot_pareto(frame, quality=metric, higher_is_better=higher, dataset=None,
-                                                     subtitle=f"{subtitle} · {_budget(frame)}", title=f"{task}: {metric} vs mean active experts"),
-                 f"{task}: quality vs mean active experts; the staircase is the Pareto frontier.")
-    first = ok[ok["task"] == ok["task"].iloc[0]] if not ok.empty else ok
+class _Results:
+    """Each run's saved EvalResult, loaded once; ``available`` names the runs whose files are gone."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.cache, self.missing = folder, {}, []
+
+    def __call__(self, run_id: str) -> EvalResult:
+        if run_id not in self.cache:
+            self.cache[run_id] = EvalResult.load(self.folder / "runs" / run_id)
+        return self.cache[run_id]
+
+    def available(self, run_id: str) -> bool:
+        try:
+            self(run_id)
+            return True
+        except (OSError, ValueError, KeyError) as error:  # np.load / json: missing or truncated files
+            self.missing.append(f"{run_id} ({type(error).__name__})")
+            return False
+
+
+def _comparison(task: str, candidate, reference, load: _Results, matched: bool) -> fd.Comparison | None:
+    a, b = load(candidate["run_id"]), load(reference["run_id"])
+    if not np.array_equal(a.token_ids, b.token_ids) or len(a.items) < 2:
+        return None   # different items or max_length: not paired
+    column = TASKS[task].outcome.column
+    return fd.Comparison(task, candidate["label"], reference["label"], TASKS[task].outcome,
+                         a.items[column].to_numpy(float), b.items[column].to_numpy(float),
+                         candidate_k=float(candidate["mean_experts"]), reference_k=float(reference["mean_experts"]),
+                         matched=matched)
+
+
+def comparisons_and_chance(runs: pd.DataFrame, load: _Results
+                           ) -> tuple[list[fd.Comparison], list[fd.ChanceCheck], list[str]]:
+    """Per task: every ok run vs native top-8, a calibrated run also vs top-k at its target k̄;
+    a chance check of native top-8 on each accuracy headline; notes on tasks that allow no test."""
+    comparisons, checks, notes = [], [], []
+    ok = runs[(runs["status"] == "ok") & runs["task"].isin(TASKS)]
+    for task, frame in ok.groupby("task", sort=False):
+        natives = frame[frame["native"]]
+        if natives.empty:
+            notes.append(f"{task}: native top-8 did not run: nothing to compare with.")
+            continue
+        native = natives.iloc[0]
+        n_items = len(load(native["run_id"]).items)
+        if n_items < 2:
+            notes.append(f"{task}: {n_items} {TASKS[task].outcome.unit}: no paired test is possible; "
+                         "its numbers are descriptive.")
+            continue
+        headline = TASKS[task].headline
+        if headline.chance is not None:
+            correct = load(native["run_id"]).items[headline.name].to_numpy(float)
+            checks.append(fd.chance_check(task, headline.name, correct, headline.chance))
+        for _, run in frame.iterrows():
+            if run["run_id"] == native["run_id"]:
+                continue
+            pairs = [(native, False)]
+            if pd.notna(run["target_k"]):
+                topk = frame[(frame["strategy"] == "topk") & (frame["k"].astype(float) == float(run["target_k"]))
+                             & frame["target_k"].isna()]
+                pairs += [(reference, True) for _, reference in topk.head(1).iterrows()
+                          if reference["run_id"] != native["run_id"]]
+            for reference, matched in pairs:
+                comparison = _comparison(task, run, reference, load, matched)
+                if comparison is not None:
+                    comparisons.append(comparison)
+    return comparisons, checks, notes
+
+
+def per_domain(result: EvalResult) -> pd.DataFrame:
+    """One domains-task result per domain: documents, tokens, token perplexity and (with a recorder)
+    mean experts per token, token-weighted."""
+    rows = []
+    for domain, frame in result.items.groupby("domain", sort=False):
+        row = {"domain": domain, "documents": len(frame), "tokens": int(frame["n_tokens"].sum()),
+               "token_perplexity": math.exp(-frame["logprob"].sum() / frame["n_tokens"].sum())}
+        if "experts_per_token" in frame:
+            row["mean_experts"] = float(np.average(frame["experts_per_token"], weights=frame["n_tokens"]))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def domains_table(runs: pd.DataFrame, load: _Results) -> pd.DataFrame:
+    """The domains task: :func:`per_domain` of every ok run, with its label and strategy."""
+    frames = [per_domain(load(run["run_id"])).assign(label=run["label"], strategy=run["strategy"])
+              for _, run in runs[(runs["status"] == "ok") & (runs["task"] == "domains")].iterrows()]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def domain_allocation(runs: pd.DataFrame, load: _Results, alpha: float = fd.ALPHA) -> pd.DataFrame:
+    """Does an adaptive run give some domains more experts than others? Kruskal–Wallis over the
+    documents' mean experts per token across domains, per run whose count is not fixed by its
+    configuration (top-k's is), BH over those runs."""
+    rows = []
+    adaptive = runs[(runs["status"] == "ok") & (runs["task"] == "domains") & ~runs["strategy"].isin(FIXED_K_STRATEGIES)]
+    for _, run in adaptive.iterrows():
+        items = load(run["run_id"]).items
+        if "experts_per_token" not in items:
+            continue
+        test = fd.across_groups(items["experts_per_token"].to_numpy(float), items["domain"].to_numpy())
+        rows.append({"label": run["label"], **test})
+    frame = pd.DataFrame(rows)
+    if not frame.empty:
+        frame["p_adjusted"], frame["differs"] = fd.bh_adjust(frame["pvalue"].to_numpy(float), alpha)
+    return frame
+
+
+# --------------------------------------------------------------------------- figures
+
+
+@dataclass
+class Figure:
+    name: str       # file name without .png
+    caption: str
+    figure: Any     # matplotlib Figure
+
+
+def _sweeps_of(frame: pd.DataFrame, knob: str, fixed: tuple[str, ...]) -> pd.DataFrame:
+    """BH runs that vary ``knob`` with the ``fixed`` knobs held equal (at least two values of it)."""
+    bh = frame[frame["strategy"].isin(["bh", "by"]) & frame["target_k"].isna()]
+    keys = [c for c in fixed if c in bh]
+    if bh.empty or knob not in bh:
+        return bh
+    sizes = bh.groupby(keys, dropna=False)[knob].transform("nunique") if keys else bh[knob].nunique()
+    return bh[sizes >= 2]
+
+
+def make_figures(runs: pd.DataFrame, prompts: pd.DataFrame, domains: pd.DataFrame, subtitle: str,
+                 at_chance: Sequence[str] = ()) -> list[Figure]:
+    """The report's figures; no Pareto plot for a task at chance (its frontier would be noise)."""
+    ok = runs[runs["status"] == "ok"]
+    made: list[Figure] = []
+    for task, spec in TASKS.items():
+        if task in at_chance:
+            continue
+        metric = spec.headline
+        frame = ok[ok["task"] == task].dropna(subset=["mean_experts"])
+        if metric.name in frame and frame[metric.name].notna().sum() >= 2:
+            values = frame[metric.name].dropna().to_numpy(float)
+            log = bool(values.min() > 0 and values.max() / values.min() > 10)   # values spanning decades
+            made.append(Figure(f"pareto_{task}", f"{task}: {metric.name} vs mean active experts; the staircase is "
+                                                 "the descriptive Pareto frontier of the point estimates (not a test).",
+                               plots.plot_pareto(frame, quality=metric.name, higher_is_better=metric.higher_is_better,
+                                                 dataset=None, logy=log, subtitle=f"{subtitle} · {_budget(frame)}",
+                                                 title=f"{task}: {metric.name} vs mean active experts (descriptive)")))
+    tasks = [t for t in TASKS if t in set(ok["task"])]
+    first = ok[ok["task"] == tasks[0]] if tasks else ok.iloc[:0]
     if len(first) >= 2:
-        where = f"{subtitle} · {first['task'].iloc[0]}, {_budget(first)}"
-        keep("experts_by_config", plots.plot_experts_by_config(first, subtitle=where),
-             "Mean active experts per token by configuration.")
-        keep("speed_by_config", plots.plot_latency_by_config(first, metric="tokens_per_s", subtitle=where),
-             "Throughput (input tokens/s) by configuration.")
-    alpha = ok[ok["group"].str.startswith("alpha/")]
+        made.append(Figure("experts_by_config", "Mean active experts per token and layer by configuration.",
+                           plots.plot_experts_by_config(first, subtitle=f"{subtitle} · {first['task'].iloc[0]}, "
+                                                                        f"{_budget(first)}")))
+    first_task = first[first["task"] == first["task"].iloc[0]] if len(first) else first
+    alpha = _sweeps_of(first_task, "alpha", ("pvalues", "temperature", "max_k", "min_k"))
     if len(alpha) >= 2:
-        keep("alpha_sensitivity", plots.plot_alpha_sensitivity(alpha, metrics=("mean_experts", "floor_rate"),
-                                                              subtitle=subtitle), "BH: α vs mean experts, per p-value model.")
-    temperature = ok[ok["group"] == "temperature/softmax"]
-    if len(temperature) >= 2:
-        keep("temperature_sensitivity", plots.plot_temperature_sensitivity(temperature, metrics=("floor_rate",),
-                                                                          subtitle=subtitle),
-             "BH on softmax p-values: temperature vs the share of tokens BH leaves on the floor.")
-    weights = ok[ok["group"] == "weights temperature"]
+        made.append(Figure("alpha_sensitivity", "BH: α vs mean experts and floor rate, per p-value model.",
+                           plots.plot_alpha_sensitivity(alpha, metrics=("mean_experts", "floor_rate"), subtitle=subtitle)))
+    temperature = _sweeps_of(first_task, "temperature", ("pvalues", "alpha", "max_k", "min_k"))
+    if len(temperature) >= 2:   # only softmax p-values take a temperature (calibrated ones refuse T != 1)
+        made.append(Figure("temperature_sensitivity", "BH on softmax p-values: temperature vs the share of "
+                                                      "tokens BH leaves on the floor.",
+                           plots.plot_temperature_sensitivity(temperature, metrics=("floor_rate",), subtitle=subtitle)))
+    weights = _sweeps_of(first_task, "weights_temperature", ("pvalues", "alpha", "temperature", "max_k", "min_k"))
     if len(weights) >= 2:
-        quality = [m for m in ("word_perplexity", "acc_norm", "acc") if m in weights and weights[m].notna().any()][:1]
-        keep("weights_temperature", plots.plot_temperature_sensitivity(weights, metrics=quality or ("mean_experts",),
-                                                                      x="weights_temperature", hue=None, subtitle=subtitle),
-             "BH: mixing-weights temperature at a fixed selection vs quality.")
-    grid = ok[ok["group"] == "alpha x max_k"]
-    if len(grid) >= 2:
-        keep("alpha_maxk_heatmap", plots.plot_alpha_maxk_heatmap(grid, subtitle=subtitle), "BH: mean experts over α × max_k.")
+        quality = [m.name for m in TASKS[first_task["task"].iloc[0]].metrics
+                   if m.name in weights and weights[m.name].notna().any()][:1] if first_task["task"].iloc[0] in TASKS else []
+        made.append(Figure("weights_temperature", "BH: mixing-weights temperature at a fixed selection vs quality.",
+                           plots.plot_temperature_sensitivity(weights, metrics=quality or ("mean_experts",),
+                                                              x="weights_temperature", hue=None, subtitle=subtitle)))
+    grid = _sweeps_of(first_task, "max_k", ("pvalues", "temperature", "min_k"))
+    if grid["max_k"].nunique() >= 2 and grid["alpha"].nunique() >= 2:
+        made.append(Figure("alpha_maxk_heatmap", "BH: mean experts over α × max_k.",
+                           plots.plot_alpha_maxk_heatmap(grid, subtitle=subtitle)))
+    adaptive = domains[~domains["strategy"].isin(FIXED_K_STRATEGIES)] if "mean_experts" in domains else domains.iloc[:0]
+    if not adaptive.empty:
+        made.append(Figure("experts_by_domain", "Domains task: mean experts per token by held-out domain, for the "
+                                                "configurations whose count adapts (top-k's is fixed by construction).",
+                           plots.plot_grouped_bars(adaptive, x="label", y="mean_experts", hue="domain",
+                                                   title="Mean active experts per token by held-out domain",
+                                                   xlabel="configuration", ylabel="mean experts per token",
+                                                   subtitle=subtitle)))
     if not prompts.empty:
-        keep("experts_by_category", plots.plot_experts_by_category(prompts, value="mean_experts", subtitle=subtitle),
-             "Prompt suite: mean experts per token by prompt category.")
+        made.append(Figure("experts_by_category", "Prompt suite: mean experts per token by prompt category.",
+                           plots.plot_experts_by_category(prompts, value="mean_experts", subtitle=subtitle)))
     return made
+
+
+# --------------------------------------------------------------------------- the report
+
+
+@dataclass
+class Report:
+    """Everything a sweep's report says, as data; ``to_markdown()`` renders it, ``write()`` saves it."""
+    title: str
+    context: dict
+    versions: dict
+    runs: pd.DataFrame
+    findings: list[fd.Finding]
+    chance: list[fd.ChanceCheck]
+    domains: pd.DataFrame = field(default_factory=pd.DataFrame)
+    domain_allocation: pd.DataFrame = field(default_factory=pd.DataFrame)
+    prompts: pd.DataFrame = field(default_factory=pd.DataFrame)
+    per_layer: pd.DataFrame = field(default_factory=pd.DataFrame)
+    figures: list[Figure] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)   # e.g. why a task has no paired tests
+    alpha: float = fd.ALPHA
+
+    @property
+    def model(self) -> str:
+        return describe_model(self.context.get("model_id"))
+
+    @property
+    def comparisons(self) -> pd.DataFrame:
+        return pd.DataFrame([f.as_row() for f in self.findings])
+
+    @property
+    def ok(self) -> pd.DataFrame:
+        return self.runs[self.runs["status"] == "ok"]
+
+    @property
+    def failed(self) -> pd.DataFrame:
+        return self.runs[self.runs["status"] == "failed"]
+
+    def findings_markdown(self, with_model: bool = True) -> str:
+        """The conclusions: chance checks, the statistically supported findings, what was not detected."""
+        lines = [f"Model: {self.model}.", ""] if with_model else []
+        lines += [f"- {check.statement}" for check in self.chance]
+        lines += [f"- {html.escape(note)}" for note in self.notes]
+        supported = [f for f in self.findings if f.is_finding]
+        tested = [f for f in self.findings if f.family_size]
+        family = tested[0].family_size if tested else 0
+        lines += [f"- {html.escape(f.statement)}" for f in supported]
+        if tested and not supported:
+            lines.append(f"- No configuration differs from its reference after Benjamini–Hochberg correction over "
+                         f"the {family} comparisons of this report (FDR {self.alpha:g}).")
+        for task, group in pd.DataFrame([f.as_row() for f in tested]).groupby("task", sort=False) if tested else ():
+            quiet = group[group["verdict"] == "no difference detected"]
+            if len(quiet):
+                needed = quiet["n_needed"].dropna()
+                lines.append(f"- {task}: no difference detected for {len(quiet)} of {len(group)} comparisons at "
+                             f"n = {int(group['n'].max())} {group['unit'].iloc[0]}s"
+                             + (f" (detecting their observed effects would need n ≈ {int(needed.min()):,}–"
+                                f"{int(needed.max()):,})" if len(needed) else "") + ".")
+        unmatched = [f for f in self.findings if f.verdict == "not matched"]
+        if unmatched:
+            lines.append(f"- {len(unmatched)} compute-matched runs used more experts than their top-k reference "
+                         f"(beyond ±{fd.K_TOLERANCE:g}): no matched-compute conclusion from them.")
+        if len(self.domain_allocation):
+            for row in self.domain_allocation.itertuples():
+                means = ", ".join(f"{name} {value:.2f}" for name, value in
+                                  sorted(row.means.items(), key=lambda item: item[1]))
+                verdict = "gives the domains different numbers of experts" if row.differs else \
+                    "no difference in experts across domains detected"
+                lines.append(f"- domains: **{escape(row.label)}**: {verdict} (mean experts per document: {means}; "
+                             f"{row.test}, n = {row.n} documents, BH-adjusted p = {row.p_adjusted:.3g} over "
+                             f"{len(self.domain_allocation)} runs).")
+        return "\n".join(lines) + "\n"
+
+    def to_markdown(self) -> str:
+        ok, failed = self.ok, self.failed
+        calibration = self.context.get("calibration") or {}
+        out = [f"# {self.title}", "",
+               f"Model: {self.model} ({self.context.get('dtype')}); calibration: {calibration.get('data', 'none')} "
+               f"({calibration.get('tokens', 0)} tokens). {len(ok)} runs ok, {len(failed)} failed. Scores are "
+               "computed with a float32 log-softmax whatever the model's dtype (lm-eval's default uses the "
+               "model's dtype; `softmax_dtype=None` reproduces it).", "",
+               "## Findings", "",
+               "A finding is stated only when a paired test over items (paired t on per-item log-likelihoods; "
+               "exact McNemar on per-item correctness) rejects after Benjamini–Hochberg correction over every "
+               f"comparison in this report (FDR {self.alpha:g}); effects are candidate − reference with 95 % CIs. "
+               f"Compute-matched claims need |Δk̄| ≤ {fd.K_TOLERANCE:g}.", "",
+               self.findings_markdown(with_model=False), "## Results", ""]
+        for task in ok["task"].unique():
+            frame = ok[ok["task"] == task]
+            metrics = [m.name for m in TASKS[task].metrics if m.name in frame] if task in TASKS else []
+            out += [f"### {task} ({_budget(frame)})", "",
+                    markdown_table(frame, ["label", "mean_experts", "floor_rate", "ceiling_rate", *metrics]), ""]
+            at_chance = any(c.task == task and c.at_chance for c in self.chance)
+            if task in TASKS and TASKS[task].headline.name in frame and len(frame) >= 2 and not at_chance:
+                out += [self._pareto_line(task, frame), ""]
+        if not self.domains.empty:
+            out += ["## Domains: per held-out domain", "",
+                    markdown_table(self.domains, ["label", "domain", "documents", "tokens", "token_perplexity",
+                                                  "mean_experts"]), ""]
+        columns = ["task", "candidate", "reference", "candidate_k", "reference_k", "unit", "n", "test", "effect",
+                   "ci_low", "ci_high", "p_adjusted", "verdict"]
+        out += ["## Paired comparisons", "", markdown_table(self.comparisons, columns), "", TIMING_NOTE, ""]
+        if not self.prompts.empty:
+            by = self.prompts.groupby(["label", "category"])["mean_experts"].mean().unstack()
+            out += ["## Prompt suite: mean experts per token by category", "",
+                    markdown_table(by.reset_index(), ["label", *by.columns]), ""]
+        if not failed.empty:
+            out += ["## Failed runs", "", markdown_table(failed, ["label", "task", "error"]), ""]
+        out += ["## Figures", ""] + [f"![{f.caption}]({f.name}.png)\n\n{f.caption}\n" for f in self.figures]
+        out += ["## Configuration and environment", "", "```json",
+                json.dumps({"context": self.context, "versions": self.versions}, indent=1, default=str), "```", ""]
+        return "\n".join(out)
+
+    def _pareto_line(self, task: str, frame: pd.DataFrame) -> str:
+        metric = TASKS[task].headline
+        frame = frame.dropna(subset=["mean_experts", metric.name])
+        front = frame.iloc[plots.pareto_front(frame[["mean_experts", metric.name]].to_numpy(float),
+                                              metric.higher_is_better)]
+        points = ", ".join(f"{escape(r['label'])} (k̄ = {r['mean_experts']:.2f}, {r[metric.name]:.4g})"
+                           for _, r in front.iterrows())
+        return f"Descriptive Pareto frontier of the point estimates ({metric.name}; not a finding): {points}."
+
+    def _repr_markdown_(self) -> str:
+        return self.to_markdown()
+
+    def summary(self) -> dict:
+        return {"title": self.title, "model": self.model, "context": self.context, "versions": self.versions,
+                "n_runs": len(self.runs), "n_failed": len(self.failed), "alpha": self.alpha,
+                "chance": [vars(c) | {"at_chance": c.at_chance} for c in self.chance],
+                "findings": [f.statement for f in self.findings if f.is_finding],
+                "comparisons": self.comparisons.to_dict("records")}
+
+    def write(self, folder: str | Path) -> Path:
+        """Tables, figures, analysis_summary.json and REPORT.md into ``folder``; returns REPORT.md."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.runs.to_csv(folder / "runs.csv", index=False)
+        self.comparisons.to_csv(folder / "comparison.csv", index=False)
+        self.per_layer.to_csv(folder / "experts_per_layer.csv", index=False)
+        if not self.domains.empty:
+            self.domains.to_csv(folder / "domains.csv", index=False)
+        if not self.prompts.empty:
+            self.prompts.drop(columns=["text"], errors="ignore").to_csv(folder / "prompts.csv", index=False)
+        for figure in self.figures:
+            plots.save(figure.figure, folder / f"{figure.name}.png")
+        write_json(folder / "analysis_summary.json", self.summary())
+        write_atomic(folder / "REPORT.md", self.to_markdown())
+        return folder / "REPORT.md"
 
 
 def _settings(record: dict) -> dict:
@@ -210,7 +470,9 @@ def of_one_context(records: list[dict], stored: dict | None) -> tuple[list[dict]
     return kept, other, shared
 
 
-def build_report(folder: str | Path) -> Path:
+def build_report(folder: str | Path, alpha: float = fd.ALPHA, k_tolerance: float = fd.K_TOLERANCE) -> Report:
+    """Read a sweep folder (results.jsonl, context.json, sweep.json, runs/) into a :class:`Report`;
+    writes nothing."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder: pass a sweep's --out folder")
@@ -222,78 +484,27 @@ def build_report(folder: str | Path) -> Path:
     sweep = json.loads((folder / "sweep.json").read_text()) if (folder / "sweep.json").exists() else {}
     records, excluded, context = of_one_context(records, read_context(folder))
     runs = runs_table(records)
+    load = _Results(folder)
+    saved = (runs["status"] == "ok") & runs["task"].isin(TASKS)       # runs whose EvalResult was saved
+    usable = runs[~saved | runs["run_id"].map(load.available)]
+    comparisons, chance, notes = comparisons_and_chance(usable, load)
+    notes += ([f"{len(damaged)} damaged line(s) of results.jsonl skipped (the next sweep into this folder "
+               f"sets them aside and redoes their runs): " + "; ".join(str(d) for d in damaged)] if damaged else [])
+    notes += ([f"{len(excluded)} run(s) of another model, calibration or budget left out: "
+               + ", ".join(sorted({r['label'] for r in excluded}))] if excluded else [])
+    notes += ([f"saved results missing for {len(load.missing)} run(s), so they are not in the paired tests "
+               f"(a resumed sweep recomputes them): " + ", ".join(load.missing)] if load.missing else [])
+    at_chance = [c.task for c in chance if c.at_chance]
+    found = fd.assess(comparisons, alpha=alpha, k_tolerance=k_tolerance, at_chance=at_chance)
+    domains = domains_table(usable, load)
     prompts = prompts_table(records)
-    missing: list[str] = []
-    comparison = paired_comparisons(folder, runs, missing)
-    runs.to_csv(folder / "runs.csv", index=False)
-    comparison.to_csv(folder / "comparison.csv", index=False)
-    if not prompts.empty:
-        prompts.drop(columns=["text"]).to_csv(folder / "prompts.csv", index=False)
-    per_layer = [{"label": r["label"], "task": r["task"], "layer": layer, "mean_experts": k}
-                 for r in records if r["status"] == "ok"
-                 for layer, k in enumerate((r.get("experts") or {}).get("mean_experts_per_layer", []))]
-    pd.DataFrame(per_layer).to_csv(folder / "experts_per_layer.csv", index=False)
-    versions = next((r.get("versions") for r in records if r.get("versions")), {})
-    subtitle = f"{context.get('model_id')} · {context.get('dtype', '').replace('torch.', '')}"
-    figures = _figures(folder, runs, prompts, subtitle)
-
-    ok, failed = runs[runs["status"] == "ok"], runs[runs["status"] == "failed"]
-    headline = []
-    for task, (metric, higher) in QUALITY.items():
-        frame = ok[ok["task"] == task].dropna(subset=["mean_experts"])
-        if metric not in frame or frame.empty:
-            continue
-        front = frame.iloc[plots.pareto_front(frame[["mean_experts", metric]].to_numpy(float), higher)]
-        native = frame[frame.apply(_is_native, axis=1)]
-        headline.append({"task": task, "metric": metric, "higher_is_better": higher,
-                         "native_top8": None if native.empty else float(native.iloc[0][metric]),
-                         "pareto_front": front[["label", "mean_experts", metric]].to_dict("records")})
-    problems = ([f"{len(damaged)} damaged line(s) of results.jsonl skipped (the next sweep into this folder "
-                 f"sets them aside and redoes their runs): " + "; ".join(str(d) for d in damaged)] if damaged else [])
-    problems += ([f"{len(excluded)} run(s) of another model, calibration or budget left out: "
-                  + ", ".join(sorted({r['label'] for r in excluded}))] if excluded else [])
-    problems += ([f"saved results missing for {len(missing)} run(s), so they are not in the paired tests "
-                  f"(a resumed sweep recomputes them): " + ", ".join(missing)] if missing else [])
-    summary = {"sweep": sweep.get("name"), "context": context, "versions": versions, "n_runs": len(runs),
-               "n_failed": len(failed), "problems": problems, "headline": headline,
-               "comparisons": comparison.to_dict("records")}
-    write_json(folder / "analysis_summary.json", summary)
-
-    lines = [f"# Routing report: {sweep.get('name', folder.name)}", "",
-             f"Model `{context.get('model_id')}` ({context.get('dtype')}); calibration: "
-             f"{(context.get('calibration') or {}).get('data', 'none')} "
-             f"({(context.get('calibration') or {}).get('tokens', 0)} tokens). {len(ok)} runs ok, {len(failed)} failed.", "",
-             "## Executive summary", ""]
-    for h in headline:
-        front = ", ".join(f"{escape(p['label'])} (k̄={p['mean_experts']:.2f}, {h['metric']}={p[h['metric']]:.4g})"
-                          for p in h["pareto_front"])
-        native = "–" if h["native_top8"] is None else f"{h['native_top8']:.4g}"
-        lines.append(f"- **{h['task']}** ({h['metric']}, {'higher' if h['higher_is_better'] else 'lower'} is better): "
-                     f"native top-8 {native}; Pareto-optimal configurations: {front}.")
-    lines += [f"- **Note:** {escape(problem)}" for problem in problems]
-    lines += ["", "Numbers come from this sweep only (items, max_length and seeds in the tables and in "
-              "`results.jsonl`); small budgets give wide intervals — read the CIs.", "",
-              "## Results", ""]
-    for task in ok["task"].unique():
-        frame = ok[ok["task"] == task]
-        metrics = [c for c in ("word_perplexity", "token_perplexity", "bits_per_byte", "acc", "acc_norm", "perplexity")
-                   if c in frame and frame[c].notna().any()]
-        lines += [f"### {task} ({_budget(frame)})", "",
-                  _markdown(frame, ["label", "mean_experts", "floor_rate", "ceiling_rate", *metrics, "tokens_per_s"]), ""]
-    lines += ["## Paired tests against native top-8", "",
-              "Perplexity ratio: paired bootstrap (2000 resamples) over items, candidate / native. Item-level test: "
-              "paired t-test and Wilcoxon signed-rank on per-item values (log-likelihood for WikiText, acc_norm for "
-              "HellaSwag, acc for LAMBADA); differences are candidate − native; d_z is Cohen's paired effect size.", "",
-              _markdown(comparison, ["task", "label", "mean_experts", "ppl_ratio", "ppl_ratio_ci_low", "ppl_ratio_ci_high",
-                                     "unit", "n", "mean_difference", "t_pvalue", "wilcoxon_pvalue", "cohens_dz"]), ""]
-    if not prompts.empty:
-        by = prompts.groupby(["label", "category"])["mean_experts"].mean().unstack()
-        lines += ["## Prompt suite: mean experts per token by category", "",
-                  _markdown(by.reset_index(), ["label", *by.columns]), ""]
-    if not failed.empty:
-        lines += ["## Failed runs", "", _markdown(failed, ["label", "task", "error"]), ""]
-    lines += ["## Figures", ""] + [f"![{caption}]({name})\n\n{caption}\n" for name, caption in figures]
-    lines += ["## Configuration and environment", "", "```json",
-              json.dumps({"context": context, "versions": versions}, indent=1, default=str), "```", ""]
-    write_atomic(folder / "REPORT.md", "\n".join(lines))
-    return folder / "REPORT.md"
+    per_layer = pd.DataFrame([{"label": r["label"], "task": r["task"], "layer": layer, "mean_experts": k}
+                              for r in records if r["status"] == "ok"
+                              for layer, k in enumerate((r.get("experts") or {}).get("mean_experts_per_layer", []))])
+    subtitle = f"{describe_model(context.get('model_id'))} · {str(context.get('dtype', '')).replace('torch.', '')}"
+    return Report(title=f"Routing report: {sweep.get('name', folder.name)}", context=context,
+                  versions=next((r.get("versions") for r in records if r.get("versions")), {}), runs=runs,
+                  findings=found, chance=chance, domains=domains,
+                  domain_allocation=domain_allocation(usable, load, alpha),
+                  prompts=prompts, per_layer=per_layer, alpha=alpha, notes=notes,
+                  figures=make_figures(usable, prompts, domains, subtitle, at_chance))

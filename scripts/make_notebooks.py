@@ -80,7 +80,7 @@ from IPython.display import display
 
 from bh_routing import analysis, plots
 from bh_routing import notebook_support as nbs
-from bh_routing.models import load_model
+from bh_routing.models import describe_model, load_model
 
 session = nbs.start_session("{key}", model=MODEL, budget=BUDGET, out=OUT, seed=SEED, drive=DRIVE)
 FOLDER = session.folder
@@ -92,6 +92,7 @@ LOAD_CODE = '''\
 model, tokenizer = load_model(session.model_id, dtype=session.dtype)  # prints the memory plan it checked
 print(f"{type(model).__name__}: {model.config.num_hidden_layers} layers, {model.config.num_experts} experts, "
       f"top-{model.config.num_experts_per_tok}, {sum(p.numel() for p in model.parameters()) / 1e6:,.1f} M parameters")
+nbs.display_markdown(f"**Model:** {describe_model(session.model_id)}. Every number below is about this model.")
 '''
 
 EXPORT_MD = '''\
@@ -121,18 +122,19 @@ Part 1 of the [bh_routing]({REPO_URL}) suite — **observation only**. OLMoE-1B-
 every token, in each of its 16 MoE layers, to 8 of 64 experts: a softmax over all 64 router logits, the top-8,
 weights *not* renormalised. Nothing is changed here; we record the router and look:
 
-1. router-logit distributions per layer
-2. a per-layer table: largest weight, entropy, top-expert usage
-3. expert usage, layer × expert
-4. routing entropy across layers
-5. weight concentration: the mass in the top-1/2/4/8
-6. the probability mass the top-8 leave out
-7. co-activation within a layer
-8. expert usage per kind of text (specialisation)
-9. a token-level view of three prompts
-10. the **calibration** pass BH's p-values need, saved for notebooks 02 and 03
-11. key observations, computed from the run
-12. the results folder: `baseline_routing_stats.csv`, figures, a report, a zip
+1. recording the native routing
+2. router-logit distributions per layer
+3. a per-layer table: largest weight, entropy, top-expert usage
+4. expert usage, layer × expert
+5. routing entropy across layers
+6. weight concentration: the mass in the top-1/2/4/8
+7. the probability mass the top-8 leave out
+8. co-activation within a layer
+9. expert usage per kind of text (specialisation)
+10. a token-level view of three prompts
+11. the **calibration** pass BH's p-values need, saved for notebooks 02 and 03
+12. token perplexity on held-out text of four domains (the `domains` task)
+13. key observations, computed from the run; the results folder: figures, a report, a zip
 
 **What it costs** (defaults; estimates, see the note at the end of the setup section). On a free
 Colab **T4** with `allenai/OLMoE-1B-7B-0924` in float16: ≈ 14 GiB of the T4's 15 GiB (12.9 GiB of
@@ -251,7 +253,7 @@ spec.to_csv(FOLDER / "domain_specialisation.csv", index=False)
 ''' + figure("specialisation", "nbs.plot_specialisation(spec, session.subtitle)",
              "Mutual information between text source and chosen expert per layer, with the shuffled-label chance level.") + '''
 best_layer = int(spec.loc[spec["mi_bits"].idxmax(), "layer"])
-''' + figure("domain_usage", "nbs.plot_domain_usage(nbs.domain_usage(sample, best_layer), best_layer, session.subtitle)",
+''' + figure("domain_usage", "nbs.plot_domain_usage(nbs.domain_usage(sample, best_layer, min_tokens=MIN_SOURCE_TOKENS), best_layer, session.subtitle)",
              "Per-source expert usage in the most specialised layer (log2 lift over all text).") + '''
 specific = nbs.specialised_experts(sample, n=10, min_tokens=MIN_SOURCE_TOKENS)
 nbs.display_markdown(nbs.markdown_table(specific, digits=3))
@@ -303,9 +305,24 @@ nbs.display_markdown(
     f"empirical p-value is {calibration_table['smallest_p'].max():.2e} or less. "
     + (f"That is below α/64 for α ∈ {{{', '.join(map(str, reach))}}} in every layer." if reach
        else "That is above α/64 at α = 0.10 in some layer: calibrate on more tokens (a larger budget) for small α."))'''),
-    ("md", "## 12 · Key observations (computed from this run)"),
+    ("md", '''\
+## 12 · The model as a language model: held-out text of four domains
+
+Token perplexity of the native router on held-out documents of four domains (encyclopedia,
+biomedical, math, code; the `domains` task). The bundled tiny model was trained on these domains with
+these documents held out, so here — unlike on WikiText, HellaSwag or LAMBADA — it is a language
+model; for any other model it is plain text of four kinds.'''),
     ("code", '''\
-observations = nbs.describe_baseline(stats, conc, spec, sample.num_experts, sample.top_k)
+from bh_routing import evaluation as ev, report
+domain_result = ev.evaluate(model, tokenizer, "domains", max_length=min(1024, ev.resolve_max_length(model, tokenizer)))
+domain_table = report.per_domain(domain_result)
+nbs.display_markdown(nbs.markdown_table(domain_table, digits=4))
+nbs.display_markdown(f"Native top-{sample.top_k}: token perplexity {domain_result.metrics['token_perplexity']:.4g} over "
+                     f"{int(domain_table['tokens'].sum()):,} held-out tokens; by domain "
+                     + ", ".join(f"{r.domain} {r.token_perplexity:.4g}" for r in domain_table.itertuples()) + ".")'''),
+    ("md", "## 13 · Key observations (computed from this run)"),
+    ("code", '''\
+observations = nbs.describe_baseline(stats, conc, spec, sample.num_experts, sample.top_k, model_id=session.model_id)
 nbs.display_markdown(observations)'''),
     ("md", EXPORT_MD),
     ("code", '''\
@@ -324,6 +341,7 @@ nbs.write_report(FOLDER / "BASELINE_REPORT.md", "OLMoE baseline routing (noteboo
     "## Weight concentration", nbs.markdown_table(table, digits=3),
     f"## Co-activation, layer {layer}", nbs.markdown_table(pairs, digits=3),
     "## Specialisation by text source", nbs.markdown_table(spec, digits=3), nbs.markdown_table(specific, digits=3),
+    "## Held-out domain text (token perplexity)", nbs.markdown_table(domain_table, digits=4),
     "## Calibration", how, nbs.markdown_table(calibration_table, digits=3)], FIGURES)
 archive = nbs.zip_folder(FOLDER)
 print(f"{len(list(FOLDER.glob('*.png')))} figures, {len(list(FOLDER.glob('*.csv')))} CSV files -> {archive}")
@@ -497,8 +515,9 @@ runs = ex.bh_deep_dive(budget) + [ex.Run(f"top-{k}", {"strategy": "topk", "k": k
                                           max_length=budget.max_length, group="top-k by k") for k in (16, 32, 64)]
 context = ex.SweepContext(model, tokenizer, session.model_id, calibration)
 records = ex.run_sweep(context, runs, SWEEP, name="deep-dive")
-report.build_report(SWEEP)
-table = report.runs_table(records)
+sweep_report = report.build_report(SWEEP)
+sweep_report.write(SWEEP)
+table = sweep_report.runs
 failed = table[table["status"] != "ok"]
 print(f"{len(table) - len(failed)} runs ok, {len(failed)} failed" + ("".join(f"\\n  {r.label}: {r.error}" for r in failed.itertuples())))
 ok = table[table["status"] == "ok"]
@@ -558,13 +577,14 @@ nbs.display_markdown(f"Most experts: {pieces[int(per_token.argmax())]!r} ({per_t
 ## 7 · Comparative analysis on 10 prompts
 
 Native top-8 vs BH on the ten comparison prompts, paired by prompt: mean experts per token and
-layer, and NLL per token. Paired t-test, Wilcoxon signed-rank, Cohen's d_z with its CI, and the 95 %
-CI of the mean difference (BH − native). Ten prompts are ten pairs: read the intervals, not just p.'''),
+layer (native's 8 is fixed by its configuration: shown, not tested), and NLL per token: paired
+t-test, Wilcoxon signed-rank, Cohen's d_z with its CI, and the 95 % CI of the mean difference
+(BH − native). Ten prompts are ten pairs: read the intervals, not just p.'''),
     ("code", '''\
 comparison_prompts = prompt_set("comparison")
 native_cmp = nbs.score_prompts(model, tokenizer, comparison_prompts, NATIVE, label="native top-8")
 bh_cmp = nbs.score_prompts(model, tokenizer, comparison_prompts, BH, calibration, label=f"BH α={ALPHA}")
-tests = nbs.compare_prompts(native_cmp, bh_cmp, metrics=("mean_experts", "nll"))
+tests = nbs.compare_prompts(native_cmp, bh_cmp, metrics=("nll",))  # experts: native's 8 is fixed, nothing to test
 nbs.display_markdown(nbs.markdown_table(tests, ["metric", "n", "mean_baseline", "mean_candidate", "mean_difference", "ci_low",
                                                 "ci_high", "t_pvalue", "wilcoxon_pvalue", "cohens_dz", "dz_ci_low", "dz_ci_high", "notes"], digits=3))
 comparative = native_cmp.table.merge(bh_cmp.table, on=["id", "category"], suffixes=("_native", "_bh"))
@@ -577,10 +597,10 @@ long = pd.concat([s.table.assign(label=s.label) for s in (native_cmp, bh_cmp)])
 nll_test = tests.set_index("metric").loc["nll"]
 ''' + figure("comparison_nll_differences", 'plots.plot_difference_histogram(native_cmp.table["nll"], bh_cmp.table["nll"], unit="prompt", stats=analysis.paired_comparison(native_cmp.table["nll"], bh_cmp.table["nll"], unit="prompt"), xlabel="NLL per token: BH − native (nats)", subtitle=session.subtitle)',
              "Paired NLL differences per prompt (BH − native) with the 95 % CI of the mean.") + '''
-k_test = tests.set_index("metric").loc["mean_experts"]
+k_bh, k_native = bh_cmp.table["mean_experts"], native_cmp.table["mean_experts"]
 nbs.display_markdown(
-    f"BH uses {k_test['mean_candidate']:.2f} experts per token and layer vs {k_test['mean_baseline']:.0f} "
-    f"(difference {k_test['mean_difference']:.2f}, 95 % CI {k_test['ci_low']:.2f} to {k_test['ci_high']:.2f}). "
+    f"BH uses {k_bh.mean():.2f} experts per token and layer (prompts {k_bh.min():.2f}–{k_bh.max():.2f}) vs native "
+    f"{k_native.mean():.0f}, which its configuration fixes (so no test). "
     f"NLL changes by {nll_test['mean_difference']:+.3g} nats/token (95 % CI {nll_test['ci_low']:+.3g} to {nll_test['ci_high']:+.3g}; "
     f"paired t p = {nll_test['t_pvalue']:.3g}, Wilcoxon p = {nll_test['wilcoxon_pvalue']:.3g}, d_z = {nll_test['cohens_dz']:.2f}).")'''),
     ("md", "## 8 · Expert utilisation: native vs BH (the 10 prompts)"),
@@ -675,17 +695,19 @@ else:
     print("sliders skipped: " + ("INTERACTIVE = False" if not INTERACTIVE else "ipywidgets is not installed"))'''),
     ("md", "## 12 · Summary (computed from this run)"),
     ("code", '''\
-best = alpha_runs.loc[alpha_runs["word_perplexity"].idxmin()] if len(alpha_runs) else None
+supported = [f for f in sweep_report.findings if f.is_finding]
+tested = [f for f in sweep_report.findings if f.family_size]
 summary_lines = [
     f"On one token (layer {explanation.layer}), BH with `{PVALUES}` p-values at α = {ALPHA} selects k* = {explanation.k_star} "
     f"(router: {explanation.k_selected}).",
     *naive_lines[1:],
     f"Baseline prompts under BH: {bh_base.table['mean_experts'].mean():.2f} experts per token and layer, NLL "
     f"{native_base.table['nll'].mean():.3f} → {bh_base.table['nll'].mean():.3f}.",
-    f"10 prompts, paired: experts {k_test['mean_difference']:+.2f} (95 % CI {k_test['ci_low']:+.2f} to {k_test['ci_high']:+.2f}), "
-    f"NLL {nll_test['mean_difference']:+.3g} nats/token (95 % CI {nll_test['ci_low']:+.3g} to {nll_test['ci_high']:+.3g}).",
+    f"10 prompts: BH {k_bh.mean():.2f} experts per token and layer (native: 8 by construction); paired NLL "
+    f"{nll_test['mean_difference']:+.3g} nats/token (95 % CI {nll_test['ci_low']:+.3g} to {nll_test['ci_high']:+.3g}).",
     f"WikiText: native top-8 word perplexity {native_ppl:.4g}"
-    + (f"; the best α-sweep run is {best['label']} at {best['word_perplexity']:.4g} with {best['mean_experts']:.2f} experts." if best is not None else "."),
+    + f"; {len(supported)} of {len(tested)} sweep configurations differ from it in paired tests after BH correction "
+    "(which, and by how much: `sweep/REPORT.md`).",
     f"Analyze mode changed no logit (max |Δ| = {modes['max_abs_diff_analyze']:.1f}).",
 ]
 nbs.display_markdown(summary_lines)'''),
@@ -729,26 +751,26 @@ print(nbs.offer_download(archive))  # a browser download on Colab; skipped elsew
 
 NB03 = [
     ("md", f'''\
-# 03 · Full routing experiments: quality vs compute on WikiText, HellaSwag and LAMBADA
+# 03 · Full routing experiments: quality vs compute
 
 {badge("03")}
 
 Part 3 of the [bh_routing]({REPO_URL}) suite. The full-experiments preset: top-k, renormalised
 top-k and uniform-weight top-k at k ∈ {{2, 4, 6, 8}}; BH (α = 0.05) with max_k ∈ {{2, 4, 6, 8, 16, 32,
 64}} and α ∈ {{0.01, 0.10}}; top-p, threshold, ratio and entropy routing — each evaluated, in patch
-mode, on WikiText-2 (word perplexity), HellaSwag (acc, acc_norm) and LAMBADA (acc), as
-lm-evaluation-harness defines them. Sections:
+mode, on held-out text of four domains (token perplexity per domain; the bundled tiny model's own
+training domains, where it is a language model), WikiText-2 (word perplexity), HellaSwag (acc,
+acc_norm) and LAMBADA (acc), the last three as lm-evaluation-harness defines them. Sections:
 
 1. the plan and its cost
 2. the sweep, checkpointed: a disconnect loses at most the run in progress
-3. the comparison table (strategy, mean experts, perplexity, HellaSwag acc/acc_norm, LAMBADA acc)
-   → `full_routing_results.csv`
-4. quality-vs-mean-experts Pareto plots
-5. paired significance of each strategy vs native top-8 (`comparison.csv`)
+3. the report object and the comparison table → `REPORT.md`, `full_routing_results.csv`
+4. quality-vs-mean-experts Pareto plots (descriptive)
+5. paired comparisons against native top-8, BH-corrected over the report (`comparison.csv`)
 6. **matched compute**: every adaptive strategy tuned to k̄ ∈ {{2, 4, 6, 8}} beside top-k at the
    same k (optional; on by default when cheap)
-7. key findings, computed from the run
-8. `ROUTING_COMPARISON_REPORT.md`, figures, a zip
+7. findings: only what the corrected paired tests support; accuracy tasks at chance say so
+8. the results folder: figures, tables, a zip
 
 **What it costs** (defaults; estimates). On a free Colab **T4** with `allenai/OLMoE-1B-7B-0924` in
 float16: ≈ 14 GiB of the T4's 15 GiB. The default `colab` budget (WikiText 8 articles, HellaSwag
@@ -761,7 +783,7 @@ several sessions — set `DRIVE = True` so every finished run is on Google Drive
 resumes where the last one stopped.'''),
     ("code", PARAMETERS_COMMON + '''\
 MATCHED = "auto"  # matched-compute section: True, False, or "auto" (on when it adds at most 35 % to the sweep)
-TASKS = ("wikitext", "hellaswag", "lambada")
+TASKS = ("domains", "wikitext", "hellaswag", "lambada")  # domains: held-out text of the tiny model's training domains
 ''', ["parameters"]),
     ("md", SETUP_MD),
     ("code", SETUP_CODE.format(repo=REPO_URL, key="03")),
@@ -811,119 +833,92 @@ all_runs = runs + matched_runs'''),
 
 Every finished run is appended to `results.jsonl` in the results folder at once; a run that fails
 (out of memory, NaN) is recorded with its error and the sweep goes on. After a disconnect, run the
-notebook again with the same parameters: finished runs are skipped. The first run is timed on its
-own to re-estimate the rest from this machine's measured speed.'''),
+notebook again with the same parameters: finished runs are skipped. A representative mix of runs
+(every task, several strategies) runs first, and the rest is estimated from the speed of that mix.'''),
     ("code", '''\
 context = ex.SweepContext(model, tokenizer, session.model_id, calibration)
-first = ex.run_sweep(context, all_runs[:1], FOLDER, name="full")
-measured = nbs.measured_rate(first)
+mix = nbs.representative_runs(all_runs)  # every task, several strategies: the cheapest run alone under-estimates
+timed = ex.run_sweep(context, mix, FOLDER, name="full")
+measured = nbs.measured_rate(timed, nbs.estimate_sweep(mix, tokenizer, default_max_length=4096))
 if measured:
-    remaining = nbs.estimate_sweep(all_runs[1:], tokenizer, tokens_per_s=measured, default_max_length=4096)
-    print(f"measured {measured:,.0f} tokens/s on this machine -> about {nbs.format_duration(remaining['seconds'].sum())} "
-          f"for the remaining runs (finished runs are skipped)")
+    remaining = nbs.estimate_sweep([r for r in all_runs if r not in mix], tokenizer, tokens_per_s=measured, default_max_length=4096)
+    print(f"measured {measured:,.0f} tokens/s over a mix of {len(mix)} runs -> about "
+          f"{nbs.format_duration(remaining['seconds'].sum())} for the remaining runs (finished runs are skipped)")
 records = ex.run_sweep(context, all_runs, FOLDER, name="full")
 failed = [r for r in records if r["status"] != "ok"]
 print(f"{len(records) - len(failed)} runs ok, {len(failed)} failed" + "".join(f"\\n  {r['label']} ({r['task']}): {r['error']}" for r in failed))'''),
     ("md", '''\
-## 3 · The comparison table
+## 3 · The report and the comparison table
 
-One row per configuration: mean experts per token and layer (mean over the tasks; per task in the
-CSV), WikiText word perplexity, HellaSwag acc and acc_norm, LAMBADA accuracy (and perplexity), and
-how often the count sits on its floor (min_k) or ceiling (max_k).'''),
+`report.build_report` reads the sweep into one report object — runs, paired comparisons, findings,
+figures — and `write` saves its tables, figures and `REPORT.md` in the results folder. Below, one row
+per configuration: mean experts per token and layer (mean over the tasks; per task in the CSV), each
+task's headline metric, and how often the count sits on its floor (min_k) or ceiling (max_k).'''),
     ("code", '''\
-import shutil
-report_path = report.build_report(FOLDER)
-shutil.copyfile(report_path, FOLDER / "ROUTING_COMPARISON_REPORT.md")
-table = report.runs_table(records)
-main = table[~table["group"].astype(str).str.startswith("matched")]
-comparison_table = nbs.comparison_table(main)
+sweep_report = report.build_report(FOLDER)
+sweep_report.write(FOLDER)
+table = sweep_report.runs
+comparison_table = nbs.comparison_table(table[table["target_k"].isna()])
 comparison_table.to_csv(FOLDER / "full_routing_results.csv", index=False)
-nbs.display_markdown(nbs.markdown_table(comparison_table, ["label", "strategy", "group", "mean_experts", "wikitext_ppl", "hellaswag_acc",
-                                                           "hellaswag_acc_norm", "lambada_acc", "floor_rate", "ceiling_rate"], digits=4))'''),
-    ("md", "## 4 · Quality vs mean experts: Pareto plots"),
-    ("code", '''\
-ok = table[table["status"] == "ok"]
-import json
-summary = json.loads((FOLDER / "analysis_summary.json").read_text())
-for task, (metric, higher) in report.QUALITY.items():
-    frame = ok[ok["task"] == task].dropna(subset=["mean_experts", metric]) if metric in ok else ok.iloc[:0]
-    if len(frame) < 2:
-        continue
-''' + figure("pareto_{task}", 'plots.plot_pareto(frame, quality=metric, higher_is_better=higher, dataset=None, subtitle=session.subtitle, title=f"{task}: {metric} vs mean active experts")',
-                    "Quality vs mean active experts; the staircase is the Pareto frontier.", indent="    ") + '''
-pareto_lines = []
-for h in summary["headline"]:
-    front = ", ".join(f"{p['label']} (k̄ = {p['mean_experts']:.2f}, {p[h['metric']]:.4g})" for p in h["pareto_front"])
-    native = "–" if h["native_top8"] is None else f"{h['native_top8']:.4g}"
-    pareto_lines.append(f"**{h['task']}** ({h['metric']}, {'higher' if h['higher_is_better'] else 'lower'} is better): native top-8 "
-                        f"{native}; Pareto frontier: {front}.")
-nbs.display_markdown(pareto_lines)'''),
+nbs.display_markdown(nbs.markdown_table(comparison_table, ["label", "strategy", "group", "mean_experts", *nbs.HEADLINE_COLUMNS,
+                                                           "floor_rate", "ceiling_rate"], digits=4))'''),
     ("md", '''\
-## 5 · Paired significance vs native top-8
+## 4 · Quality vs mean experts (descriptive)
 
-Same items, same tokens: the perplexity ratio (paired bootstrap over items, candidate / native, 95 %
-CI) and item-level paired t-test and Wilcoxon (log-likelihood per WikiText article, acc_norm per
-HellaSwag item, acc per LAMBADA item; differences candidate − native; d_z = Cohen's paired effect
-size). From the report's `comparison.csv`.'''),
+The report's Pareto plots: point estimates; the staircase joins the configurations no other beats on
+both axes. They describe this sample; which differences are real is for sections 5 and 7 to say.
+Tasks at chance on this model get no plot.'''),
     ("code", '''\
-comparison = nbs.read_csv(FOLDER / "comparison.csv")
-if len(comparison):
-    comparison = comparison[~comparison["label"].str.contains("@k̄")]
-nbs.display_markdown(nbs.markdown_table(comparison, ["task", "label", "mean_experts", "ppl_ratio", "ppl_ratio_ci_low", "ppl_ratio_ci_high",
-                                                     "n", "mean_difference", "t_pvalue", "wilcoxon_pvalue", "cohens_dz"], digits=3))
-if len(comparison):
-    lines = []
-    for task, frame in comparison.groupby("task", sort=False):
-        if "t_pvalue" in frame and frame["t_pvalue"].notna().any():
-            lines.append(f"{task}: {int((frame['t_pvalue'] < 0.05).sum())} of {len(frame)} configurations differ from native top-8 at "
-                         f"p < 0.05 (paired t, n = {int(frame['n'].max())} items; not corrected for {len(frame)} comparisons).")
-    nbs.display_markdown(lines)'''),
+for figure in sweep_report.figures:
+    if figure.name.startswith("pareto_"):
+        nbs.show(figure.figure)
+        FIGURES.append((f"{figure.name}.png", figure.caption))'''),
+    ("md", '''\
+## 5 · Paired comparisons
+
+Same items, same tokens: each configuration against native top-8 (and a compute-matched one also
+against top-k at its k̄), by a paired test over items — paired t on per-item log-likelihoods
+(WikiText articles, domain documents), exact McNemar on per-item correctness (HellaSwag, LAMBADA) —
+with Benjamini–Hochberg correction over every comparison of the report. Effects are candidate −
+reference with 95 % CIs. From the report's `comparison.csv`.'''),
+    ("code", '''\
+nbs.display_markdown(report.markdown_table(sweep_report.comparisons, ["task", "candidate", "reference", "candidate_k", "reference_k",
+                                                                     "n", "test", "effect", "ci_low", "ci_high", "p_adjusted", "verdict"]))'''),
     ("md", '''\
 ## 6 · Matched compute
 
 The fair comparison: each adaptive strategy at the knob that gives a target mean number of experts
-k̄ on calibration text, beside top-k with k = k̄, on WikiText. On by default when cheap (see the plan).'''),
+k̄ on calibration text, beside top-k with k = k̄, on WikiText. A claim needs the k̄ achieved on the
+evaluated text to match within the report's tolerance; the table and the figure are descriptive.'''),
     ("code", '''\
 matched = nbs.matched_table(table) if use_matched else pd.DataFrame()
 if len(matched):
     matched.to_csv(FOLDER / "matched_compute.csv", index=False)
     nbs.display_markdown(nbs.markdown_table(matched, digits=4))
     nbs.show(nbs.plot_matched_compute(matched, subtitle=session.subtitle), FOLDER / "matched_compute.png")
-    FIGURES.append(("matched_compute.png", "Matched compute: each strategy at k̄ = 2, 4, 6, 8 beside top-k."))
-    wins = []
-    for target, frame in matched.groupby("target_k"):
-        reference = frame[frame["family"] == "top-k"]
-        if reference.empty:
-            continue
-        better = frame[(frame["family"] != "top-k") & (frame["word_perplexity"] < reference["word_perplexity"].iloc[0])]
-        wins.append(f"k̄ = {target:g}: top-k {reference['word_perplexity'].iloc[0]:.4g}; better: "
-                    + (", ".join(f"{r.family} ({r.word_perplexity:.4g}, k̄ {r.mean_experts:.2f})" for r in better.itertuples()) or "none"))
-    nbs.display_markdown(wins)
+    FIGURES.append(("matched_compute.png", "Matched compute: each strategy at k̄ = 2, 4, 6, 8 beside top-k (descriptive)."))
+    nbs.display_markdown([f.statement for f in sweep_report.findings if f.comparison.matched])
 else:
     print("matched compute is off (MATCHED = False, or too expensive at this budget with MATCHED = 'auto')")'''),
-    ("md", "## 7 · Key findings (computed from this run)"),
+    ("md", "## 7 · Findings (paired tests, corrected for the number of comparisons)"),
     ("code", '''\
-findings = nbs.headline_findings(comparison_table, comparison)
-nbs.display_markdown(findings)'''),
+nbs.display_markdown(sweep_report.findings_markdown())'''),
     ("md", EXPORT_MD + '''
 
-`ROUTING_COMPARISON_REPORT.md` is the sweep report (every run, the paired tests, figures, the
+`REPORT.md` is the sweep report (findings, every run, the paired comparisons, figures, the
 configuration and versions); `runs.csv` has one row per run, `full_routing_results.csv` one per
 configuration. The per-run token arrays (`runs/`) stay in the folder for resuming, not in the zip.'''),
     ("code", '''\
 nbs.write_json(FOLDER / "notebook_summary.json", {"session": session.describe(), "calibration": {"how": how, **calibration.metadata},
-                                                   "matched_compute": use_matched, "findings": findings, "pareto": pareto_lines,
+                                                   "matched_compute": use_matched, "report": sweep_report.summary(),
                                                    "failed_runs": len(failed), "seconds": round(session.elapsed, 1)})
-with open(FOLDER / "ROUTING_COMPARISON_REPORT.md", "a", encoding="utf-8") as f:
-    f.write("\\n## Key findings (notebook 03)\\n\\n" + "\\n".join(f"- {line}" for line in findings) + "\\n")
-    if len(matched):
-        f.write("\\n## Matched compute\\n\\n" + nbs.markdown_table(matched, digits=4))
 archive = nbs.zip_folder(FOLDER)
 print(f"{len(list(FOLDER.glob('*.png')))} figures -> {archive}")
 print(f"notebook 03 took {session.elapsed:.0f} s")'''),
     ("code", '''\
 print(nbs.offer_download(archive))  # a browser download on Colab; skipped elsewhere'''),
 ]
+
 
 NOTEBOOKS = {"01": NB01, "02": NB02, "03": NB03}
 

@@ -402,3 +402,53 @@ def test_metric_definitions_match_lm_eval():
     assert ev.bits_per_byte(lls, units) == pytest.approx(M.bits_per_byte(list(zip(lls, units))), rel=1e-12)
     acc = rng.integers(0, 2, 50).astype(float).tolist()
     assert ev.mean_stderr(acc) == pytest.approx(M.mean_stderr(acc), rel=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# the domains task and the softmax dtype
+# ------------------------------------------------------------------------------------------------
+
+def test_domains_task_is_per_domain_token_perplexity_by_hand(tiny):
+    model, tokenizer = tiny
+    docs = data.load_domains(n=8).records
+    assert sorted({d["domain"] for d in docs}) == ["biomedical", "code", "encyclopedia", "math"]
+    result = ev.evaluate(model, tokenizer, "domains", docs=docs, max_length=32)
+    by_domain: dict[str, list[tuple[float, int]]] = {}
+    for doc in docs:
+        tokens = tokenizer(doc["text"])["input_ids"]
+        by_domain.setdefault(doc["domain"], []).append(
+            (hand_rolling_logprob(model, tokens, tokenizer.eos_token_id, 32, 32), len(tokens)))
+    for domain, pairs in by_domain.items():
+        expected = math.exp(-sum(ll for ll, _ in pairs) / sum(n for _, n in pairs))
+        assert result.metrics[f"token_perplexity_{domain}"] == pytest.approx(expected, rel=1e-5), domain
+    assert list(result.items["domain"]) == [d["domain"] for d in docs]
+    assert ev.TASKS["domains"].headline.name == "token_perplexity"
+
+
+def test_domains_sample_is_held_out_from_training():
+    """The training script holds documents out before it samples the bundled validation file from them."""
+    script = (Path(__file__).resolve().parents[1] / "scripts" / "train_tiny_olmoe.py").read_text()
+    assert "write_validation_sample(" in script and "val_docs" in script
+    assert len(data.load_domains()) == 128
+
+
+def test_softmax_dtype_none_is_lm_eval_parity_in_bfloat16(tiny):
+    model, tokenizer = tiny
+    half = random_olmoe(tokenizer).to(torch.bfloat16)
+    exact = ev.evaluate(half, tokenizer, "domains", docs=data.load_domains(n=4).records, max_length=32)
+    parity = ev.evaluate(half, tokenizer, "domains", docs=data.load_domains(n=4).records, max_length=32,
+                         softmax_dtype=None)
+    # reference: lm-eval's F.log_softmax(logits, dim=-1, dtype=None) on bfloat16 logits
+    request = ev.TASKS["domains"].build_requests(data.load_domains(n=1).records, tokenizer, 32, None)[0]
+    with torch.no_grad():
+        logits = half(torch.tensor([request.tokens[:-1]])).logits[0, -request.n_scored:]
+    target = torch.tensor(request.tokens[-request.n_scored:])[:, None]
+    in_bf16 = torch.log_softmax(logits, dim=-1).gather(1, target).squeeze(1).float().numpy()
+    in_fp32 = torch.log_softmax(logits.float(), dim=-1).gather(1, target).squeeze(1).numpy()
+    first = slice(0, request.n_scored)
+    assert parity.token_logprobs[first] == pytest.approx(in_bf16, abs=1e-6)
+    assert exact.token_logprobs[first] == pytest.approx(in_fp32, abs=1e-5)
+    assert not np.allclose(in_bf16, in_fp32, atol=1e-4)          # the two really differ in bf16
+    assert exact.config["softmax_dtype"] == "float32" and parity.config["softmax_dtype"] == "model dtype"
+    with pytest.raises(ValueError, match="softmax_dtype"):
+        ev.evaluate(half, tokenizer, "domains", docs=data.load_domains(n=1).records, softmax_dtype="int8")

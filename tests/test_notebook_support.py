@@ -135,6 +135,7 @@ def test_domain_specialisation_separates_sources_that_use_different_experts():
     usage = nbs.domain_usage(sample, 0)
     np.testing.assert_allclose(usage.loc["a"].to_numpy()[:4], 0.25)
     np.testing.assert_allclose(usage.loc["all"].to_numpy()[[0, 8]], 0.125)
+    assert list(nbs.domain_usage(sample, 0, min_tokens=tokens // 2 + 1).index) == ["all"]   # too short: left out
     top = nbs.specialised_experts(sample, n=3, min_tokens=8)
     np.testing.assert_allclose(top["lift"], 2.0)  # P(e | a) = 1/4, P(e) = 1/8
 
@@ -160,10 +161,12 @@ def test_token_view_and_select():
 def test_describe_baseline_numbers_come_from_the_tables():
     sample = make_sample()
     stats, conc = nbs.routing_statistics(sample), nbs.concentration(sample, (1, 2, 4))
-    lines = nbs.describe_baseline(stats, conc, None, sample.num_experts, sample.top_k)
-    assert f"{stats['max_weight_mean'].mean():.3f}" in lines[0]
-    assert f"{stats['topk_mass'].mean():.1%}" in lines[1]
-    assert f"{int(stats['dead_experts'].sum())}" in lines[4]
+    lines = nbs.describe_baseline(stats, conc, None, sample.num_experts, sample.top_k, model_id="tiny")
+    assert "2.6 M-parameter pipeline model" in lines[0]                      # the model named for what it is
+    assert f"{stats['max_weight_mean'].mean():.3f}" in lines[1]
+    assert f"{stats['max_weight_mean'].mean() * sample.num_experts:.1f}× the" in lines[1]
+    assert f"{stats['topk_mass'].mean():.1%}" in lines[2]
+    assert f"{int(stats['dead_experts'].sum())}" in lines[5]
 
 
 # --------------------------------------------------------------------------- BH explained
@@ -245,30 +248,36 @@ def _runs_frame():
     for task, metric, values in (("wikitext", "word_perplexity", (10.0, 12.0, 11.0, 13.0)),
                                  ("hellaswag", "acc_norm", (0.5, 0.4, 0.45, 0.3)),
                                  ("lambada", "acc", (0.6, 0.5, 0.55, 0.4))):
-        for (label, group, strategy, k, experts), value in zip(
-                [("top-8", "top-k", "topk", 8, 8.0), ("top-4", "top-k", "topk", 4, 4.0),
-                 ("BH α=0.05 max_k=8", "adaptive", "bh", None, 5.0), ("BH empirical @k̄=4", "matched k=4", "bh", None, 4.1)],
+        for (label, group, strategy, k, experts, target), value in zip(
+                [("top-8", "top-k", "topk", 8, 8.0, None), ("top-4", "top-k", "topk", 4, 4.0, None),
+                 ("BH α=0.05 max_k=8", "adaptive", "bh", None, 5.0, None),
+                 ("BH empirical @k̄=4", "matched k=4", "bh", None, 4.1, 4.0)],
                 values):
             rows.append({"label": label, "group": group, "strategy": strategy, "k": k, "task": task, "status": "ok",
+                         "pvalues": "empirical" if strategy == "bh" else None, "target_k": target,
                          "mean_experts": experts + (0.1 if task == "lambada" and strategy == "bh" else 0),
                          "floor_rate": 0.1 if strategy == "bh" else 1.0, "ceiling_rate": 0.2, metric: value})
     return pd.DataFrame(rows)
 
 
-def test_comparison_matched_and_findings_tables():
+def test_comparison_and_matched_tables():
     runs = _runs_frame()
-    main = runs[~runs["group"].str.startswith("matched")]
+    main = runs[runs["target_k"].isna()]
     table = nbs.comparison_table(main)
     assert list(table["label"]) == ["BH α=0.05 max_k=8", "top-4", "top-8"]
     bh = table.set_index("label").loc["BH α=0.05 max_k=8"]
     assert bh["mean_experts"] == pytest.approx((5.0 + 5.0 + 5.1) / 3)
-    assert bh["wikitext_ppl"] == 11.0 and bh["hellaswag_acc_norm"] == 0.45 and bh["lambada_acc"] == 0.55
-    matched = nbs.matched_table(runs)
+    assert (bh["wikitext_word_perplexity"], bh["hellaswag_acc_norm"], bh["lambada_acc"]) == (11.0, 0.45, 0.55)
+    matched = nbs.matched_table(runs)            # found by the runs' target_k, not by their group names
     assert set(matched["family"]) == {"BH empirical", "top-k"}
     assert matched.set_index("family").loc["top-k", "word_perplexity"] == 12.0  # top-4 from the preset
-    findings = nbs.headline_findings(table)
-    assert "BH α=0.05 max_k=8" in findings[0] and "11" in findings[0]  # the best with fewer experts than 8
-    assert "top-4" not in findings[0]
+
+
+def test_representative_runs_mix_tasks_and_strategies():
+    runs = ex.full_experiments(ex.BUDGETS["smoke"])
+    mix = nbs.representative_runs(runs, limit=8)
+    assert len(mix) == 8 and {r.task for r in mix} == {"wikitext", "hellaswag", "lambada"}
+    assert len({(r.task, r.routing["strategy"]) for r in mix}) == 8
 
 
 def test_new_runs_drop_repeats_of_the_preset():

@@ -38,9 +38,8 @@ EXPECTED = {
         "utilisation_bh.png", "maxk_alpha_experts.png", "maxk_alpha_perplexity.png", "maxk_saturation.png",
         "maxk_vs_topk.png", "sweep/results.jsonl", "sweep/REPORT.md"]),
     "03_OLMoE_Full_Routing_Experiments": ("03_full_experiments", [
-        "full_routing_results.csv", "comparison.csv", "runs.csv", "ROUTING_COMPARISON_REPORT.md", "results.jsonl",
-        "analysis_summary.json", "notebook_summary.json", "pareto_wikitext.png", "pareto_hellaswag.png",
-        "pareto_lambada.png"]),
+        "full_routing_results.csv", "comparison.csv", "runs.csv", "REPORT.md", "results.jsonl", "domains.csv",
+        "analysis_summary.json", "notebook_summary.json", "pareto_domains.png", "experts_by_domain.png"]),
 }
 
 
