@@ -368,12 +368,23 @@ def data_versions(names: Iterable[str], source: str = "auto") -> dict[str, str]:
     copy's uncompressed content) or "hub <location>" (unversioned). A sweep folder stores this so
     that results on different data are never mixed."""
     used, _ = _resolve_source(source)
-    return {name: (f"hub {_SPECS[name].hub_location}" if used == "hub"
-                   else f"bundled sha256:{hashlib.sha256(_bundled_content(name)).hexdigest()[:16]}")
-            for name in sorted(set(names))}
+
+    def version(name: str) -> str:
+        if name == "domains":     # bundled only, whatever the source
+            return f"bundled sha256:{hashlib.sha256(_domain_sample()).hexdigest()[:16]}"
+        if used == "hub":
+            return f"hub {_SPECS[name].hub_location}"
+        return f"bundled sha256:{hashlib.sha256(_bundled_content(name)).hexdigest()[:16]}"
+    return {name: version(name) for name in sorted(set(names))}
 
 
 DOMAIN_SAMPLE = ("assets", "tiny-olmoe", "validation_sample.jsonl.gz")
+
+
+@lru_cache(maxsize=None)
+def _domain_sample() -> bytes:
+    """The uncompressed held-out sample of the tiny model's four training domains."""
+    return gzip.decompress(resources.files("bh_routing").joinpath(*DOMAIN_SAMPLE).read_bytes())
 
 
 def load_domains(source: str = "auto", n: int | None = None, seed: int | None = None) -> Dataset:
@@ -386,7 +397,7 @@ def load_domains(source: str = "auto", n: int | None = None, seed: int | None = 
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
     if source == "hub":
         raise DataUnavailableError("the domains task has no hub copy: use source='bundled' (or 'auto')")
-    content = gzip.decompress(resources.files("bh_routing").joinpath(*DOMAIN_SAMPLE).read_bytes())
+    content = _domain_sample()
     rows = [{"domain": row["domain"], "text": row["text"]} for row in _jsonl_rows(content)]
     by_domain: dict[str, list[dict[str, Any]]] = {}
     for row in rows:

@@ -102,7 +102,8 @@ def test_damaged_lines_are_named_set_aside_and_their_runs_redone(tiny, reference
     (tmp_path / "results.jsonl").write_bytes(damaged_file)
     before = (tmp_path / "results.jsonl").stat()
 
-    build_report(tmp_path)  # read-only: names the damage, writes no checkpoint
+    built = build_report(tmp_path)  # reads only: names the damage, writes no checkpoint
+    built.write(tmp_path)           # writing the report's own files does not touch the checkpoint either
     assert (tmp_path / "results.jsonl").read_bytes() == damaged_file
     assert (tmp_path / "results.jsonl").stat().st_mtime_ns == before.st_mtime_ns
     report = (tmp_path / "REPORT.md").read_text()
@@ -124,8 +125,7 @@ def test_a_finished_run_whose_saved_results_are_gone_is_recomputed(tiny, referen
     sweep(tiny, tmp_path)
     native = next(r for r in read_results(tmp_path)[0] if r["label"] == "native top-8" and r["task"] == "wikitext")
     (tmp_path / "runs" / f"{native['run_id']}.npz").unlink()
-    build_report(tmp_path)  # does not crash: says what is missing
-    assert "saved results missing" in (tmp_path / "REPORT.md").read_text()
+    assert "saved results missing" in build_report(tmp_path).to_markdown()  # does not crash: says what is missing
     with pytest.warns(UserWarning, match="lost their saved results"):
         sweep(tiny, tmp_path)
     assert (tmp_path / "runs" / f"{native['run_id']}.npz").exists()
@@ -200,8 +200,7 @@ def test_report_leaves_out_records_of_another_context_in_an_old_folder(tiny, tmp
                 "context": {**records[0]["context"], "model_id": "other"}}
     results = tmp_path / "results.jsonl"
     results.write_text(json.dumps(stranger) + "\n" + results.read_text())  # older than the folder's newest run
-    build_report(tmp_path)
-    report = (tmp_path / "REPORT.md").read_text()
+    report = build_report(tmp_path).to_markdown()
     assert "1 run(s) of another model, calibration or budget left out: from another model" in report
     assert "| from another model |" not in report
 
@@ -209,7 +208,7 @@ def test_report_leaves_out_records_of_another_context_in_an_old_folder(tiny, tmp
 def test_report_escapes_labels(tiny, tmp_path):
     sweep(tiny, tmp_path, runs=[ex.Run("a|b <script>x</script>", {"strategy": "topk", "k": 8}, "wikitext", 1,
                                        max_length=64)])
-    report = build_report(tmp_path).read_text()
+    report = build_report(tmp_path).to_markdown()
     assert "a\\|b &lt;script&gt;x&lt;/script&gt;" in report and "<script>" not in report
 
 
