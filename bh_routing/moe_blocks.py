@@ -1,12 +1,16 @@
 """The MoE blocks RoutingPatch knows, in every supported transformers version — the only place that
-knows model internals. Two axes, each one small table:
+knows model internals. Three axes:
 
-* **Family** (OLMoE, Mixtral, Qwen2-MoE, Qwen3-MoE): the block's class name, its top-k weight
-  convention (renormalised or raw probabilities), a shared expert (Qwen2-MoE), input jitter (Mixtral).
+* **Family**: what a block adds around routing — a gated shared expert (Qwen2-MoE, Qwen3-Next), a
+  plain one (DeepSeek-V3, GLM-4-MoE), input jitter (Mixtral) — read from its child modules, so a
+  new model with the same parts needs no code. A block with parts it does not know is refused.
+* **Scoring** (:mod:`bh_routing.scoring`): how the router ranks and weights experts (softmax,
+  softmax over the top-k, DeepSeek-V3 grouped sigmoid), identified from the router's own output.
 * **Layout** (transformers version): 4.46–4.57 blocks own ``gate = nn.Linear`` and
-  ``experts = nn.ModuleList`` and return ``(hidden, router_logits)``; 5.x blocks own a
-  ``*TopKRouter`` and fused ``*Experts`` and return ``hidden`` (router logits are recorded from the
-  router module's call, so the patched block still *calls* the router module).
+  ``experts = nn.ModuleList`` and return ``(hidden, router_logits)`` (known by class name); 5.x
+  blocks own a router module (``gate`` or ``router``) returning ``(logits, top-k weights, top-k
+  indices)`` and fused ``*Experts`` and return ``hidden`` (GPT-OSS: ``(hidden, weights)``); router
+  logits are recorded from the router module's call, so the patched block still *calls* it.
 
 What differs *within* a layout between versions is probed once, outside any model call, when a
 patch is built: whether the router returns logits or probabilities, whether the model's own loop
@@ -14,6 +18,7 @@ calls every expert.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -22,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import dispatch as dsp
+from . import scoring
 
 SUPPORTED_TRANSFORMERS = ((4, 46), (6, 0))  # [min, max)
 
@@ -33,18 +39,30 @@ class UnsupportedModelError(ValueError):
 
 
 def _norm_topk_prob(block: nn.Module) -> bool:
-    # 4.x keeps the flag on the block, 5.x on the router; the module's flag is what the model uses.
-    return bool(getattr(block, "norm_topk_prob", getattr(block.gate, "norm_topk_prob", False)))
+    # 4.x keeps the flag on the block; the module's flag is what the model uses.
+    return bool(getattr(block, "norm_topk_prob", getattr(router_of(block), "norm_topk_prob", False)))
+
+
+# transformers 4.x blocks (gate = nn.Linear): the weight convention lives in the block's forward,
+# so these are known by class name. 5.x blocks are recognised by interface (find_moe_blocks).
+LEGACY_RENORMALIZES = {"OlmoeSparseMoeBlock": _norm_topk_prob, "Qwen2MoeSparseMoeBlock": _norm_topk_prob,
+                       "Qwen3MoeSparseMoeBlock": _norm_topk_prob,
+                       "MixtralSparseMoeBlock": lambda block: True}  # softmax over the top-k logits
+ROUTER_NAMES = ("gate", "router")  # the child a block routes with
+SHARED_NAMES = ("shared_expert", "shared_expert_gate", "shared_experts")
 
 
 @dataclass(frozen=True)
 class Family:
-    """What differs between MoE families — the one place for their quirks."""
-    name: str
-    block_class: str  # the sparse MoE block's class name (same in transformers 4.x and 5.x)
-    renormalizes: Callable[[nn.Module], bool]  # top-k weights rescaled to sum to 1?
-    shared_expert: bool = False  # Qwen2-MoE: output += sigmoid(shared_expert_gate(x)) * shared_expert(x)
+    """What a block adds around routing, read from its interface (child modules and flags)."""
+    name: str  # the block's class name
+    router_name: str  # "gate" or "router"
+    shared: str | None = None  # "gated": + sigmoid(shared_expert_gate(x)) * shared_expert(x)
+    #                            (Qwen2-MoE, Qwen3-Next); "plain": + shared_experts(x) (DeepSeek-V3, GLM-4-MoE)
     jitter: bool = False  # Mixtral: multiplicative input noise while training
+
+    def router(self, block: nn.Module) -> nn.Module:
+        return getattr(block, self.router_name)
 
     def prepare(self, block: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.jitter and block.training and block.jitter_noise > 0:  # in place, as Mixtral does
@@ -52,25 +70,41 @@ class Family:
                                                                       1.0 + block.jitter_noise)
         return hidden_states
 
-    def shared(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        """The shared expert's output [T, H] (None without one)."""
-        return block.shared_expert(x) if self.shared_expert else None
+    def shared_output(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """The gated shared expert's output [T, H] where the model computes it before routing."""
+        return block.shared_expert(x) if self.shared == "gated" else None
 
-    def finish(self, block: nn.Module, x: torch.Tensor, out: torch.Tensor,
+    def finish(self, block: nn.Module, hidden_states: torch.Tensor, x: torch.Tensor, out: torch.Tensor,
                shared: torch.Tensor | None) -> torch.Tensor:
-        if self.shared_expert:  # op order as the model's (backward accumulates x's gradient in reverse)
+        """``out [T, H]`` plus the shared expert, called as the model calls it: gated on ``x [T, H]``,
+        plain on the block input ``hidden_states [B, S, H]`` (a matmul may round by shape)."""
+        if self.shared == "gated":  # op order as the model's (backward accumulates x's gradient in reverse)
             shared = block.shared_expert(x) if shared is None else shared
             return out + torch.sigmoid(block.shared_expert_gate(x)) * shared
+        if self.shared == "plain":
+            return out + block.shared_experts(hidden_states).reshape(out.shape)
         return out
 
 
-FAMILIES = (
-    Family("olmoe", "OlmoeSparseMoeBlock", _norm_topk_prob),
-    # softmax over the top-k logits == renormalised top-k probabilities
-    Family("mixtral", "MixtralSparseMoeBlock", lambda block: True, jitter=True),
-    Family("qwen2_moe", "Qwen2MoeSparseMoeBlock", _norm_topk_prob, shared_expert=True),
-    Family("qwen3_moe", "Qwen3MoeSparseMoeBlock", _norm_topk_prob),
-)
+def _family(name: str, module: nn.Module) -> Family | str:
+    """The block's Family, or why a module holding ``experts`` is not a block we understand."""
+    kind = type(module).__name__
+    router_name = next((n for n in ROUTER_NAMES if isinstance(getattr(module, n, None), nn.Module)), None)
+    if router_name is None:
+        return f"{name} ({kind}): no router module named {' or '.join(ROUTER_NAMES)}"
+    children = {child for child, _ in module.named_children()}
+    extra = sorted(children - {router_name, "experts", *SHARED_NAMES})
+    if extra:
+        return f"{name} ({kind}): unknown parts {extra} would be skipped by the patch"
+    if "shared_expert" in children and "shared_expert_gate" in children:
+        shared = "gated"
+    elif "shared_experts" in children and not children & {"shared_expert", "shared_expert_gate"}:
+        shared = "plain"
+    elif children & set(SHARED_NAMES):
+        return f"{name} ({kind}): a shared expert of unknown form ({sorted(children & set(SHARED_NAMES))})"
+    else:
+        shared = None
+    return Family(kind, router_name, shared, jitter=hasattr(module, "jitter_noise"))
 
 
 # =========================================================================== layouts
@@ -84,7 +118,8 @@ class ModuleListLayout:
 
     @staticmethod
     def matches(block) -> bool:
-        return isinstance(block.gate, nn.Linear) and isinstance(block.experts, nn.ModuleList)
+        return (type(block).__name__ in LEGACY_RENORMALIZES and isinstance(router_of(block), nn.Linear)
+                and isinstance(block.experts, nn.ModuleList))
 
     @staticmethod
     def num_experts(block) -> int:
@@ -105,7 +140,7 @@ class ModuleListLayout:
     @staticmethod
     def route(block, x, gives_logits: bool):
         """Call the router; returns (router_logits [T, E], dtype the model mixes weights in)."""
-        return block.gate(x), x.dtype
+        return router_of(block)(x), x.dtype
 
     @staticmethod
     def calls_every_expert(block) -> bool:
@@ -117,7 +152,7 @@ class ModuleListLayout:
         called = []
         handles = [expert.register_forward_pre_hook(lambda module, args: called.append(module))
                    for expert in block.experts]
-        weight = block.gate.weight  # [E, H]
+        weight = router_of(block).weight  # [E, H]
         device = weight.device if weight.device.type != "meta" else torch.device("cpu")
         try:
             with torch.no_grad():
@@ -148,9 +183,6 @@ class ModuleListLayout:
     def compact_unsupported(block) -> str | None:
         return None  # each expert module is called: its own (offload) hooks run
 
-    @staticmethod
-    def output(hidden, router_logits):
-        return hidden, router_logits
 
 
 class FusedLayout:
@@ -162,8 +194,12 @@ class FusedLayout:
 
     @staticmethod
     def matches(block) -> bool:
-        return (not isinstance(block.gate, nn.Linear) and isinstance(getattr(block.gate, "weight", None), torch.Tensor)
-                and hasattr(block.experts, "gate_up_proj") and hasattr(block.experts, "down_proj"))
+        """A router module returning (logits, top-k weights, top-k indices) — it has ``weight`` and
+        ``top_k`` and is not a bare nn.Linear — and fused experts called as ``experts(x, indices, weights)``."""
+        router = router_of(block)
+        return (not isinstance(router, nn.Linear) and isinstance(getattr(router, "weight", None), torch.Tensor)
+                and hasattr(router, "top_k") and hasattr(block.experts, "gate_up_proj")
+                and hasattr(block.experts, "down_proj"))
 
     @staticmethod
     def num_experts(block) -> int:
@@ -171,7 +207,7 @@ class FusedLayout:
 
     @staticmethod
     def top_k(block) -> int:
-        return int(block.gate.top_k)
+        return int(router_of(block).top_k)
 
     @staticmethod
     def router_gives_logits(gate) -> bool:
@@ -200,8 +236,8 @@ class FusedLayout:
 
     @staticmethod
     def route(block, x, gives_logits: bool):
-        output = block.gate(x)  # called as a module: output_router_logits hooks see it
-        return FusedLayout.logits_from_call(block.gate, x, output, gives_logits), output[1].dtype
+        output = router_of(block)(x)  # called as a module: output_router_logits hooks see it
+        return FusedLayout.logits_from_call(router_of(block), x, output, gives_logits), output[1].dtype
 
     @staticmethod
     def calls_every_expert(block) -> bool:
@@ -234,15 +270,17 @@ class FusedLayout:
                     "offload: `meta` outside the experts' own call)")
         return None
 
-    @staticmethod
-    def output(hidden, router_logits):
-        return hidden
 
 
 LAYOUTS = (ModuleListLayout, FusedLayout)
 
 
 # =========================================================================== finding blocks
+
+
+def router_of(block: nn.Module) -> nn.Module:
+    """The block's router module (``gate`` in most families, ``router`` in GPT-OSS and Granite-MoE)."""
+    return next(getattr(block, n) for n in ROUTER_NAMES if isinstance(getattr(block, n, None), nn.Module))
 
 
 @dataclass(frozen=True)
@@ -254,6 +292,11 @@ class MoeBlock:
     layout: type
     num_experts: int
     top_k: int  # the model's native k
+    returns: str  # what the block's forward returns: "hidden", ("hidden", "logits") 4.x, ("hidden", "weights") GPT-OSS
+
+    @property
+    def router(self) -> nn.Module:
+        return self.family.router(self.module)
 
 
 def check_transformers_version(version: str | None = None) -> str:
@@ -270,39 +313,69 @@ def check_transformers_version(version: str | None = None) -> str:
     return version
 
 
+def _returns(block: nn.Module, layout) -> str:
+    """What the block's own forward returns: from its annotation where it has one, otherwise asked
+    once on an empty batch (on `meta` when accelerate offloads the block: shapes only)."""
+    if layout is ModuleListLayout:
+        return "logits"
+    annotation = inspect.signature(type(block).forward).return_annotation
+    if annotation in (torch.Tensor, "torch.Tensor"):
+        return "hidden"
+    weight = router_of(block).weight  # [E, H]
+    empty = torch.zeros(1, 0, weight.shape[-1], dtype=weight.dtype, device=weight.device)
+    with torch.no_grad():
+        output = type(block).forward(block, empty)
+    return "weights" if isinstance(output, tuple) else "hidden"
+
+
 def find_moe_blocks(model: nn.Module) -> list[MoeBlock]:
-    """Every supported sparse MoE block of ``model``, in module order."""
-    by_class = {family.block_class: family for family in FAMILIES}
+    """Every sparse MoE block of ``model``, in module order, recognised by its interface (see
+    ``FusedLayout.matches``; 4.x blocks by class name). A module that holds ``experts`` but is not
+    understood is refused, named — never silently left native."""
     blocks, unknown = [], []
     for name, module in model.named_modules():
-        family = next((by_class[c.__name__] for c in type(module).__mro__ if c.__name__ in by_class), None)
-        if family is None:
-            if "moe" in type(module).__name__.lower() and "block" in type(module).__name__.lower():
-                unknown.append(type(module).__name__)
+        if not isinstance(getattr(module, "experts", None), nn.Module):
             continue
         layout = next((lay for lay in LAYOUTS if lay.matches(module)), None)
-        if layout is None:
-            raise UnsupportedModelError(
-                f"{name} ({type(module).__name__}) has neither the transformers 4.x layout (gate = nn.Linear, "
-                "experts = nn.ModuleList) nor the 5.x one (router module + fused gate_up_proj/down_proj); "
-                "this transformers version changed the block")
+        family = _family(name, module)
+        if layout is None or isinstance(family, str):
+            unknown.append(family if isinstance(family, str) else
+                           f"{name} ({type(module).__name__}): neither a router module returning (logits, top-k "
+                           "weights, top-k indices) with fused experts (gate_up_proj/down_proj), nor a known "
+                           "transformers 4.x block")
+            continue
         blocks.append(MoeBlock(len(blocks), name, module, family, layout, layout.num_experts(module),
-                               layout.top_k(module)))
+                               layout.top_k(module), _returns(module, layout)))
+    if unknown:
+        raise UnsupportedModelError(f"{type(model).__name__} has MoE blocks RoutingPatch does not understand: "
+                                    + "; ".join(unknown[:3]) + (f" (and {len(unknown) - 3} more)" if len(unknown) > 3 else ""))
     if not blocks:
-        found = f"; found unsupported MoE-like blocks {sorted(set(unknown))}" if unknown else ""
-        raise UnsupportedModelError(f"{type(model).__name__} has no supported MoE block (supported: "
-                                    f"{', '.join(f.block_class for f in FAMILIES)}){found}")
+        raise UnsupportedModelError(f"{type(model).__name__} has no supported MoE block (a module with `experts` and a "
+                                    "router): nothing to route")
     return blocks
+
+
+def block_scoring(block: MoeBlock, gives_logits: bool):
+    """The block's routing convention (:mod:`bh_routing.scoring`): the legacy table for 4.x blocks,
+    identified from the router's own output for 5.x ones."""
+    if block.layout is ModuleListLayout:
+        return scoring.Softmax(LEGACY_RENORMALIZES[block.family.name](block.module))
+    try:
+        return scoring.identify(block.router, block.top_k,
+                                lambda x, out: block.layout.logits_from_call(block.router, x, out, gives_logits),
+                                f"{block.name}.{block.family.router_name}")
+    except ValueError as error:
+        raise UnsupportedModelError(str(error)) from None
 
 
 def router_gives_logits(block: MoeBlock) -> bool:
     """Probe ``block``'s router once (see ``FusedLayout.router_gives_logits``); refuse a router that
     returns probabilities while accelerate offloads its weight: its logits exist only inside its call."""
-    gate = block.module.gate
+    gate = block.router
     gives_logits = block.layout.router_gives_logits(gate)
     if not gives_logits and gate.weight.device.type == "meta":
         raise UnsupportedModelError(
-            f"{block.name}.gate is offloaded (its weight is `meta` outside its own call) and, in this "
+            f"{block.name}.{block.family.router_name} is offloaded (its weight is `meta` outside its own call) and, in this "
             "transformers version, returns routing probabilities instead of logits, so the logits cannot be "
             "read: load the model without offload (e.g. a smaller dtype or device_map without 'disk'/'cpu' "
             "offload) or use transformers >= 5.10, whose routers return their logits")

@@ -32,8 +32,8 @@ import torch
 import torch.nn as nn
 
 from . import dispatch as dsp
-from .moe_blocks import (MoeBlock, UnsupportedModelError, check_transformers_version,  # noqa: F401 (public here)
-                         find_moe_blocks, router_gives_logits)
+from .moe_blocks import (MoeBlock, UnsupportedModelError, block_scoring,  # noqa: F401 (public here)
+                         check_transformers_version, find_moe_blocks, router_gives_logits)
 from .recording import RoutingRecorder, ScopedHook, call_context, real_tokens, refuse_fx_tracing
 from .selection import Router, build_router
 
@@ -118,6 +118,13 @@ class RoutingPatch:
                                  f"block's {block.num_experts} experts")
         self.dispatch = {b.layer: self._resolve_dispatch(dispatch, b) for b in self.blocks} if mode == "patch" else {}
         self._gives_logits = {b.layer: router_gives_logits(b) for b in self.blocks}
+        self.scoring = {b.layer: block_scoring(b, self._gives_logits[b.layer]) for b in self.blocks}
+        for block in self.blocks:
+            router = self.routers[block.layer]
+            if router.weights_temperature != 1.0 and not self.scoring[block.layer].supports_weights_temperature:
+                raise ValueError(f"layer {block.layer}: weights_temperature applies to softmax weights; "
+                                 f"{block.family.name} mixes with {self.scoring[block.layer].name} weights "
+                                 "(drop weights_temperature)")
         if isinstance(record, RoutingRecorder):
             self._recorder = record
         else:
@@ -264,43 +271,57 @@ class RoutingPatch:
 
     def _patch_analyze(self, block: MoeBlock) -> Callable[[], None]:
         router, layer, recorder = self.routers[block.layer], block.layer, self._recorder
-        gives_logits = self._gives_logits[layer]
-        renormalize = block.family.renormalizes(block.module)
+        gives_logits, scoring = self._gives_logits[layer], self.scoring[layer]
 
         def hook(gate, args, output):
             refuse_fx_tracing()
             x = args[0].reshape(-1, args[0].shape[-1])  # [T, H]
             logits = block.layout.logits_from_call(gate, x, output, gives_logits)  # [T, E]
-            recorder.record(layer, router(logits, layer=layer, model_renormalizes=renormalize), logits)
+            recorder.record(layer, _route(router, scoring, gate, logits, layer), logits)
 
         release = self._claim(block)
-        handle = block.module.gate.register_forward_hook(ScopedHook(hook, "RoutingPatch"))
+        handle = block.router.register_forward_hook(ScopedHook(hook, "RoutingPatch"))
         return lambda: (handle.remove(), release())
 
     def _make_forward(self, block: MoeBlock):
         module, family, layout, layer = block.module, block.family, block.layout, block.layer
         router, recorder, num_experts = self.routers[layer], self._recorder, block.num_experts
         native, gives_logits = self.dispatch[layer] == "native", self._gives_logits[layer]
+        scoring, gate, returns = self.scoring[layer], block.router, block.returns
         every_expert = layout.calls_every_expert(module)
         cache: dict = {}  # the compact dispatch's per-block constants
 
         def forward(hidden_states: torch.Tensor):  # [B, S, H]
             refuse_fx_tracing()
             hidden_states = family.prepare(module, hidden_states)
-            x = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, H]
-            shared = family.shared(module, x) if layout.shared_expert_first else None  # [T, H]
-            router_logits, weights_dtype = layout.route(module, x, gives_logits)  # [T, E]
-            routing = router(router_logits, layer=layer, model_renormalizes=family.renormalizes(module))
+            if family.shared == "plain":  # DeepSeek-V3 order: the router on the block input, then a view
+                router_logits, weights_dtype = layout.route(module, hidden_states, gives_logits)  # [T, E]
+                x, shared = hidden_states.view(-1, hidden_states.shape[-1]), None  # [T, H]
+            else:  # (the order autograd accumulates the input's gradient in, so training matches)
+                x = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, H]
+                shared = family.shared_output(module, x) if layout.shared_expert_first else None  # [T, H]
+                router_logits, weights_dtype = layout.route(module, x, gives_logits)  # [T, E]
+            routing = _route(router, scoring, gate, router_logits, layer)
             if native:  # padded slots: expert PAD_INDEX at weight 0 — correct, computed anyway
                 out = layout.native(module, x, routing.indices, routing.weights.to(weights_dtype), every_expert)
             else:
                 pairs = dsp.compact_pairs(routing.indices, routing.weights, routing.counts, num_experts)
                 out = layout.compact(module, x, pairs, cache, every_expert, weights_dtype)
-            out = family.finish(module, x, out, shared)  # [T, H]
+            out = family.finish(module, hidden_states, x, out, shared)  # [T, H]
             if recorder is not None:
                 recorder.record(layer, routing, router_logits)
-            return layout.output(out.reshape(hidden_states.shape), router_logits)
+            out = out.reshape(hidden_states.shape)
+            if returns == "hidden":
+                return out
+            return out, (router_logits if returns == "logits" else routing.weights.to(weights_dtype))
         return forward
+
+
+def _route(router: Router, scoring, gate: nn.Module, router_logits: torch.Tensor, layer: int):
+    """The strategy on the family's selection logits, mixed with the family's weight convention."""
+    routing = router(scoring.selection_logits(gate, router_logits), layer=layer,
+                     model_renormalizes=scoring.renormalizes(gate))
+    return scoring.mix(gate, router_logits, routing, router)
 
 
 # =========================================================================== calibration helper
@@ -318,7 +339,9 @@ def _input_device(model: nn.Module) -> torch.device | None:
 
 @torch.no_grad()
 def collect_router_logits(model: nn.Module, batches: Iterable, max_tokens: int | None = None) -> list[torch.Tensor]:
-    """Native router logits per MoE layer, ``[tokens, experts]`` float32 on the CPU, padding removed.
+    """Native selection logits per MoE layer (what the strategies rank: the router logits for
+    softmax families, see :mod:`bh_routing.scoring`), ``[tokens, experts]`` float32 on the CPU,
+    padding removed.
 
     ``batches`` yields ``input_ids`` tensors ``[B, S]`` or dicts of model inputs (``input_ids``,
     ``attention_mask``, ...). Stops after ``max_tokens`` real tokens. Feed the result to
@@ -334,9 +357,12 @@ def collect_router_logits(model: nn.Module, batches: Iterable, max_tokens: int |
     handles = []
 
     def gate_hook(block, gives_logits):
+        scoring = block_scoring(block, gives_logits)
+
         def hook(gate, args, output):
             x = args[0].reshape(-1, args[0].shape[-1])
-            current[block.layer] = block.layout.logits_from_call(gate, x, output, gives_logits).detach()
+            logits = block.layout.logits_from_call(gate, x, output, gives_logits).detach()  # [T, E]
+            current[block.layer] = scoring.selection_logits(gate, logits)
         return hook
 
     def pre_hook(mod, args, kwargs):
@@ -346,7 +372,7 @@ def collect_router_logits(model: nn.Module, batches: Iterable, max_tokens: int |
     total = 0
     try:
         for block in blocks:
-            handles.append(block.module.gate.register_forward_hook(gate_hook(block, router_gives_logits(block))))
+            handles.append(block.router.register_forward_hook(gate_hook(block, router_gives_logits(block))))
         handles.append(_base_model(model).register_forward_pre_hook(pre_hook, with_kwargs=True))
         device = _input_device(model)
         for batch in batches:

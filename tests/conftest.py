@@ -3,7 +3,8 @@
     from conftest import tiny_model            # or use the `tiny_olmoe` fixture
     model = tiny_model("olmoe")                # 2 layers, hidden 64, 64 experts, top-8, eval mode
 
-Families: olmoe, mixtral, qwen2_moe, qwen3_moe. A family the installed transformers lacks (e.g.
+Families: olmoe, mixtral, qwen2_moe, qwen3_moe (every version); deepseek_v3, glm4_moe, gpt_oss,
+granitemoe, flex_olmo, qwen3_next (transformers 5.x layout). A family the installed transformers lacks (e.g.
 Qwen3-MoE before 4.51) is skipped, not failed. ``experts_implementation`` (5.x only: "eager",
 "grouped_mm", "batched_mm") is skipped on 4.x.
 """
@@ -29,7 +30,31 @@ FAMILIES = {
                        shared_expert_intermediate_size=48, norm_topk_prob=False)),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
                   dict(num_experts=16, num_experts_per_tok=4, moe_intermediate_size=32, norm_topk_prob=True)),
+    # transformers 5.x families, recognised by interface (skipped where the version lacks them)
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                    dict(n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=32, intermediate_size=48,
+                         n_shared_experts=1, n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5,
+                         first_k_dense_replace=0, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8,
+                         qk_nope_head_dim=8, v_head_dim=16, head_dim=8, num_key_value_heads=4)),
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM",
+                 dict(n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=32, intermediate_size=48,
+                      n_shared_experts=1, n_group=2, topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.5,
+                      first_k_dense_replace=0, head_dim=16)),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32, head_dim=16, sliding_window=8,
+                     layer_types=["sliding_attention", "full_attention"])),
+    "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM",
+                   dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32)),
+    "flex_olmo": ("FlexOlmoConfig", "FlexOlmoForCausalLM",
+                  dict(num_experts=8, num_experts_per_tok=2, intermediate_size=32, norm_topk_prob=False)),
+    "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM",
+                   dict(num_experts=16, num_experts_per_tok=4, moe_intermediate_size=32,
+                        shared_expert_intermediate_size=48, norm_topk_prob=True, head_dim=16,
+                        layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4,
+                        linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16)),
 }
+# Families whose fused experts the compact dispatch cannot read (GPT-OSS: transposed, interleaved, biased)
+COMPACT_UNSUPPORTED = {"gpt_oss"}
 
 TRANSFORMERS_5 = int(version("transformers").split(".")[0]) >= 5  # no import: keeps collection fast
 
@@ -48,6 +73,11 @@ def tiny_model(family: str = "olmoe", seed: int = 0, experts_implementation: str
     config = tiny_config(family, **overrides)
     torch.manual_seed(seed)
     model = getattr(transformers, FAMILIES[family][1])(config).eval()
+    for module in model.modules():  # DeepSeek-V3 style: a non-zero selection bias (zeros at init)
+        bias = getattr(module, "e_score_correction_bias", None)
+        if bias is not None:
+            with torch.no_grad():
+                bias.copy_(torch.randn(bias.shape, generator=torch.Generator().manual_seed(seed)) * 0.1)
     if experts_implementation is not None:
         if not hasattr(model, "set_experts_implementation"):
             pytest.skip(f"experts_implementation needs transformers 5.x (have {transformers.__version__})")
