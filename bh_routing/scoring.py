@@ -171,6 +171,10 @@ def identify(gate: nn.Module, top_k: int, logits_of: Callable[[torch.Tensor, tup
     x = torch.randn(32, weight.shape[-1], generator=torch.Generator().manual_seed(1)).to(device, dtype)
     with torch.no_grad():
         output = gate.forward(x)  # `forward`: no output-capture hooks
+        if not (isinstance(output, tuple) and len(output) == 3):   # e.g. 4.x GPT-OSS: (scores, indices)
+            raise ValueError(f"{where} ({type(gate).__name__}) does not return (logits, top-k weights, top-k "
+                             "indices) as transformers 5.x routers do: this layout is not supported (use "
+                             "transformers >= 5 for this family)")
         router_logits = logits_of(x, output)
         for convention in candidates(gate):
             if _same_choice(output[1], output[2], *convention.native(gate, router_logits, top_k)):

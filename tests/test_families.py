@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import COMPACT_UNSUPPORTED, FAMILIES, tiny_inputs, tiny_model
+from conftest import COMMON, COMPACT_UNSUPPORTED, FAMILIES, FIVE_X_ONLY, TRANSFORMERS_5, tiny_inputs, tiny_model
 from bh_routing.patching import RoutingPatch, UnsupportedModelError, find_moe_blocks
 
 
@@ -83,3 +83,17 @@ def test_blocks_not_understood_are_refused_by_name():
     router.forward = lambda x: (lambda out: (out[0], out[1] * 0.5, out[2]))(forward(router, x))
     with pytest.raises(UnsupportedModelError, match=r"block_sparse_moe.router \(GraniteMoeTopKRouter\) routes by a convention"):
         RoutingPatch(model, variable(4), verbose=False)
+
+
+@pytest.mark.skipif(TRANSFORMERS_5, reason="the refusal of 5.x-only families is checked on transformers 4.x")
+@pytest.mark.parametrize("family", sorted(FIVE_X_ONLY))
+def test_families_of_the_5x_layout_are_refused_on_4x(family):
+    """On 4.x these families' blocks have another layout: patching refuses them, it never routes natively
+    in silence."""
+    import transformers
+    config_class, model_class, extra = FAMILIES[family]
+    if not hasattr(transformers, config_class):
+        pytest.skip(f"transformers {transformers.__version__} has no {config_class}")
+    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**{**COMMON, **extra})).eval()
+    with pytest.raises(UnsupportedModelError, match="does not understand|no supported MoE block|not supported"):
+        RoutingPatch(model, {"strategy": "topk", "k": 2}, verbose=False)
