@@ -7,6 +7,9 @@
   python -m bh_routing sweep --preset full --model allenai/OLMoE-1B-7B-0924   (into results/full-colab)
   python -m bh_routing report results/full-colab  tables, statistics, figures and REPORT.md
 
+Several processes (one per GPU, or across machines) share one sweep through accelerate's launcher:
+  accelerate launch --multi_gpu --num_processes 4 -m bh_routing sweep --preset full --model M --out DIR
+
 A sweep writes every finished run to <out>/results.jsonl at once; run the same command again after
 an interruption (a Colab disconnect, Ctrl-C) and it continues where it stopped. A folder holds one
 context (model and weights, dtype, calibration, budget, data, version): a sweep of another context
@@ -76,9 +79,13 @@ def _prepare_folder(args) -> Path:
     return out
 
 
-def _load(args):
+def _load(args, launch=None):
     from .models import load_model
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    if launch is not None and args.device != "auto":
+        raise ValueError(f"--device {args.device}: in a launch of {launch.num_processes} processes each uses its "
+                         "own device (accelerate assigns it); leave --device at auto")
+    device = launch.device if launch is not None else args.device
+    model, tokenizer = load_model(args.model, device=device, dtype=args.dtype)
     return model, tokenizer
 
 
@@ -163,21 +170,37 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
-def cmd_sweep(args) -> int:
+def _plan_sweep(args, model, tokenizer, out: Path):
+    """(calibration, runs) of the sweep."""
     from . import experiments as ex
-    from .report import build_report
-    out = Path(args.out)  # prepared and locked by main()
-    model, tokenizer = _load(args)
     budget = ex.BUDGETS[args.budget]
     planned = None if args.preset == "matched" else _presets(args.preset, budget, None, None)
     # a fixed preset's smallest alpha sizes the calibration (matched compute searches alpha afterwards)
     calibration, logits = _calibration(args, model, tokenizer, out, need_logits=args.preset == "matched",
                                        size_for=[r.routing for r in planned or []])
-    runs = planned or _presets(args.preset, budget, calibration, logits)
-    _say(f"sweep {args.preset}: {len(runs)} runs, budget {args.budget} → {out}")
+    return calibration, planned or _presets(args.preset, budget, calibration, logits)
+
+
+def cmd_sweep(args) -> int:
+    from dataclasses import replace
+    from . import experiments as ex
+    from .report import build_report
+    out, launch = Path(args.out), args.launch  # prepared and locked by main()
+    model, tokenizer = _load(args, launch)
+    if launch is None:
+        calibration, runs = _plan_sweep(args, model, tokenizer, out)
+    else:  # one plan, the main process's: every process must hash the same calibration into its run ids
+        plan = _plan_sweep(args, model, tokenizer, out) if launch.is_main else None
+        calibration, runs = launch.from_main(plan and (replace(plan[0], _device_cache={}), plan[1]))
+    if launch is None or launch.is_main:
+        processes = f" across {launch.num_processes} processes" if launch else ""
+        _say(f"sweep {args.preset}: {len(runs)} runs{processes}, budget {args.budget} → {out}")
     ex.run_sweep(ex.SweepContext(model, tokenizer, args.model, calibration), runs, out, name=args.preset,
-                 retry_failed=args.retry_failed)
-    _say(f"report: {build_report(out).write(out)}")
+                 retry_failed=args.retry_failed, launch=launch)
+    if launch is not None:
+        launch.wait_for_everyone()  # the report merges every process's runs
+    if launch is None or launch.is_main:
+        _say(f"report: {build_report(out).write(out)}")
     return 0
 
 
@@ -234,9 +257,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command not in ("demo", "sweep"):
             return args.run(args)
+        from .distributed import current_launch
         from .folder import folder_lock
+        args.launch = current_launch() if args.command == "sweep" else None
+        if args.launch is not None and not args.launch.is_main:
+            args.launch.wait_for_everyone()  # the main process has prepared and locked the folder
+            _setup_logging(Path(args.out))
+            with folder_lock(args.out, launch=args.launch):  # join the main process's lock
+                return args.run(args)
         out = _prepare_folder(args)
-        with folder_lock(out):  # before loading anything: a second writer is refused at once
+        with folder_lock(out, launch=args.launch):  # before loading anything: a second writer is refused at once
+            if args.launch is not None:
+                args.launch.wait_for_everyone()
             return args.run(args)
     except KeyboardInterrupt:
         print("\ninterrupted — rerun the same command to resume (finished runs are kept)", file=sys.stderr)

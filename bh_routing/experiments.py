@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from .folder import claim_context, folder_lock, move_aside
+from .folder import check_context, claim_context, folder_lock, move_aside
 from .pvalues import CALIBRATED, Calibration, ResolutionError, calibration_requirement
 from .selection import as_real, build_router
 from .store import ResultStore, latest_by_run, write_json
@@ -486,14 +486,33 @@ def _execute(context: SweepContext, run: Run, run_id: str, folder: Path, describ
     return record | {"seconds": round(time.time() - started, 3), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
+def _open_folder(context: SweepContext, runs: list[Run], out: str | Path, folder_context: dict,
+                 name: str) -> ResultStore:
+    """Set damaged lines aside, claim the folder's context, keep the calibration, describe the sweep."""
+    store = ResultStore(out)
+    legacy = list({json.dumps(r.get("context"), sort_keys=True, default=str): r.get("context") or {}
+                   for r in store.records()}.values())
+    claim_context(store.folder, folder_context, legacy)
+    if context.calibration is not None and not (store.folder / CALIBRATION_FILE).exists():
+        context.calibration.save(store.folder / CALIBRATION_FILE)
+    (store.folder / "runs").mkdir(exist_ok=True)
+    write_json(store.folder / "sweep.json", {"name": name, "context": context.describe(), "n_runs": len(runs),
+                                               "runs": [asdict(r) for r in runs]})
+    return store
+
+
 def run_sweep(context: SweepContext, runs: Sequence[Run], out: str | Path, retry_failed: bool = False,
-              progress: bool = True, name: str = "sweep", lock_timeout: float = 0) -> list[dict]:
+              progress: bool = True, name: str = "sweep", lock_timeout: float = 0, launch=None) -> list[dict]:
     """Run every run not yet finished in ``out``; return the latest record of each run.
 
     Before any work: every run is checked (``check_runs``), the folder's writer lock is taken
     (FolderBusyError naming the other writer after ``lock_timeout`` s) and its context compared
     (ContextMismatchError). Damaged result lines are set aside and their runs redone, as are
-    finished runs whose saved results are missing and transient failures (``is_transient``)."""
+    finished runs whose saved results are missing and transient failures (``is_transient``).
+
+    ``launch`` (a ``distributed.Launch``): one of several processes sharing the folder. Its main
+    process opens the folder as above; the others then check the context (writing nothing), and each
+    runs its share of the unfinished runs. Returns the latest records this process can see."""
     from tqdm.auto import tqdm
     from .data import data_versions
     runs = list(runs)
@@ -501,27 +520,33 @@ def run_sweep(context: SweepContext, runs: Sequence[Run], out: str | Path, retry
     described = context.describe()
     folder_context = {**described, "budget": budget_of(runs),
                       "data": data_versions(run.task for run in runs if run.task != "prompts")}
-    with folder_lock(out, lock_timeout):
-        store = ResultStore(out)
+    main = launch is None or launch.is_main
+    with folder_lock(out, lock_timeout, launch):
+        if main:
+            store = _open_folder(context, runs, out, folder_context, name)
+        if launch is not None:
+            launch.wait_for_everyone()  # the main process has set damaged lines aside and claimed the context
+        if not main:
+            store = ResultStore(out, set_aside=False)
+            check_context(store.folder, folder_context)
         records = store.records()
-        legacy = list({json.dumps(r.get("context"), sort_keys=True, default=str): r.get("context") or {}
-                       for r in records}.values())
-        claim_context(store.folder, folder_context, legacy)
-        if context.calibration is not None and not (store.folder / CALIBRATION_FILE).exists():
-            context.calibration.save(store.folder / CALIBRATION_FILE)
-        (store.folder / "runs").mkdir(exist_ok=True)
-        write_json(store.folder / "sweep.json", {"name": name, "context": described, "n_runs": len(runs),
-                                                 "runs": [asdict(r) for r in runs]})
         done = latest_by_run(records)
         ids = [run.run_id(described) for run in runs]
         lost = [done[rid]["label"] for rid in ids if rid in done and done[rid]["status"] == "ok"
                 and _needs_running(done[rid], store.folder, retry_failed)]
-        if lost:
+        if lost and main:
             warnings.warn(f"{len(lost)} finished run(s) lost their saved results under {store.folder / 'runs'} and "
                           f"run again: {lost}", stacklevel=2)
         todo = [(run, rid) for run, rid in zip(runs, ids) if _needs_running(done.get(rid), store.folder, retry_failed)]
+        if launch is not None:
+            launch.wait_for_everyone()  # every process has read the same results before any appends
+            todo = launch.share_of(todo)
+            name = f"{name} [process {launch.process_index}/{launch.num_processes}]"
         for run, run_id in tqdm(todo, desc=name, disable=not progress, unit="run"):
             record = _execute(context, run, run_id, store.folder, described)
+            if launch is not None:
+                record["process"] = {"index": launch.process_index, "of": launch.num_processes,
+                                     "launch": launch.launch_id, "device": launch.device}
             try:
                 store.append(record)
             except OSError as error:

@@ -322,7 +322,13 @@ def _returns(block: nn.Module, layout) -> str:
     if annotation in (torch.Tensor, "torch.Tensor"):
         return "hidden"
     weight = router_of(block).weight  # [E, H]
-    empty = torch.zeros(1, 0, weight.shape[-1], dtype=weight.dtype, device=weight.device)
+    device = weight.device
+    if device.type == "meta":  # offloaded: accelerate's hooks move inputs to their execution device (GPT-OSS's
+        # experts copy theirs there: a meta input would fail), so ask on that device, on 0 tokens
+        hooks = [getattr(m, "_hf_hook", None) for m in block.modules()]
+        devices = [h.execution_device for h in hooks if getattr(h, "execution_device", None) is not None]
+        device = torch.device(devices[0]) if devices else device
+    empty = torch.zeros(1, 0, weight.shape[-1], dtype=weight.dtype, device=device)
     with torch.no_grad():
         output = type(block).forward(block, empty)
     return "weights" if isinstance(output, tuple) else "hidden"

@@ -5,7 +5,9 @@ the whole line or a torn last line. Reading never trusts the file: a line that i
 JSON, not an object, or lacks a safe ``run_id`` / a ``status`` is *damaged*. Readers skip damaged
 lines and name them (file:line and why); a writer (:class:`ResultStore`) copies the whole damaged
 file to a kept side file (``results.jsonl.bad``, ``.bad.2``, ...) before rewriting it without those
-lines, so their runs simply run again and nothing is ever lost. Summaries are written to a temporary
+lines, so their runs simply run again and nothing is ever lost. Several processes of one launch may
+append at once: each append holds ``results.jsonl.lock`` (``filelock``) and starts on a fresh line
+if a killed writer left a torn one, so no two records share a line. Summaries are written to a temporary
 file and renamed over the old one. Works on a local disk and on a mounted Google Drive folder.
 """
 from __future__ import annotations
@@ -18,7 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 RESULTS_FILE = "results.jsonl"
+APPEND_LOCK = RESULTS_FILE + ".lock"
+APPEND_LOCK_TIMEOUT = 120  # seconds: an append takes milliseconds; longer means a stuck file system
 STATUSES = ("ok", "failed")
 _SAFE_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # a plain file name: no dots, slashes
 
@@ -141,9 +147,11 @@ class ResultStore:
 
     Opening sets damaged lines aside (kept copy of the whole file, then the file without them) and
     warns with each one's file:line and reason; ``self.damaged`` lists them, ``self.side_file`` is the copy.
+    ``set_aside=False``: leave the file as it is (the non-main processes of a launch, whose main
+    process has set damaged lines aside before they open it).
     """
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, set_aside: bool = True):
         self.folder = Path(folder)
         if self.folder.exists() and not self.folder.is_dir():
             raise NotADirectoryError(f"{self.folder} is a file, not a folder: pass a folder path (e.g. another --out)")
@@ -151,7 +159,8 @@ class ResultStore:
         self.path = self.folder / RESULTS_FILE
         self.damaged: list[DamagedLine] = []
         self.side_file: Path | None = None
-        self._set_damaged_aside()
+        if set_aside:
+            self._set_damaged_aside()
 
     def _set_damaged_aside(self) -> None:
         if not self.path.exists():
@@ -178,8 +187,12 @@ class ResultStore:
         problem = _record_problem(record)
         if problem:
             raise ValueError(f"not a valid run record: {problem}")
-        line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
-        with open(self.path, "a", encoding="utf-8") as f:
+        line = (json.dumps(record, ensure_ascii=False, default=str) + "\n").encode("utf-8")
+        with FileLock(self.folder / APPEND_LOCK, timeout=APPEND_LOCK_TIMEOUT), open(self.path, "ab+") as f:
+            if f.tell() > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":  # a writer killed mid-line: keep its fragment a line of its own
+                    line = b"\n" + line
             f.write(line)
             f.flush()
             os.fsync(f.fileno())

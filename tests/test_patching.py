@@ -469,14 +469,15 @@ def offloaded(model, how: str, folder):
 
 
 @pytest.mark.parametrize("how", ["cpu_offload", "disk"])
-@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe", "deepseek_v3", "gpt_oss"])
 def test_offloaded_models_route_exactly_as_in_memory(family, how, tmp_path):
     """The router logits come from the router's own call: recomputing them from `gate.weight`
     afterwards read `meta` (uninitialised memory or NaN) under offload, without an error."""
     model = tiny_model(family)
     input_ids, mask = tiny_inputs(left_pad=2)
     loaded = offloaded(model, how, tmp_path)
-    assert find_moe_blocks(loaded)[0].module.gate.weight.device.type == "meta"  # really offloaded
+    block = find_moe_blocks(loaded)[0].module
+    assert all(p.device.type == "meta" for p in block.parameters())  # really offloaded
     if router_returns_probabilities(model):  # transformers 5.0–5.9: the logits exist only inside the call
         with pytest.raises(UnsupportedModelError, match="offloaded.*returns routing probabilities"):
             RoutingPatch(loaded, {"strategy": "topk", "k": 2}, verbose=False)
