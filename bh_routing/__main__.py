@@ -19,6 +19,7 @@ Everything is also logged to <out>/bh_routing.log.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
@@ -174,6 +175,8 @@ def _plan_sweep(args, model, tokenizer, out: Path):
     """(calibration, runs) of the sweep."""
     from . import experiments as ex
     budget = ex.BUDGETS[args.budget]
+    if args.max_new_tokens is not None:  # the prompt suite's generation length, instead of the budget's
+        budget = dataclasses.replace(budget, new_tokens=args.max_new_tokens)
     planned = None if args.preset == "matched" else _presets(args.preset, budget, None, None)
     # a fixed preset's smallest alpha sizes the calibration (matched compute searches alpha afterwards)
     calibration, logits = _calibration(args, model, tokenizer, out, need_logits=args.preset == "matched",
@@ -242,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--budget", default="colab", choices=["smoke", "demo", "colab", "full"],
                        help="items per task: colab fits a free T4 session, full is every item")
     sweep.add_argument("--calibration", help="a calibration file (else calibrate first)")
+    sweep.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                       help="prompt suite: greedy tokens generated per prompt (default: the budget's, 50 at colab)")
     sweep.add_argument("--retry-failed", action="store_true", help="run failed runs again")
     sweep.set_defaults(run=cmd_sweep)
 

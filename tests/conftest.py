@@ -105,3 +105,27 @@ def tiny_inputs(batch: int = 2, length: int = 7, vocab: int = 128, seed: int = 1
 @pytest.fixture
 def tiny_olmoe():
     return tiny_model("olmoe")
+
+
+# --------------------------------------------------------------------------- notebook modules
+
+
+def make_routing_sample(layers=3, tokens=400, experts=16, top_k=4, seed=0, sources=("a", "b")):
+    """A RoutingSample of random logits with per-expert base rates, as a trained router has."""
+    import numpy as np
+    from bh_routing.native_routing import RoutingSample
+    g = torch.Generator().manual_seed(seed)
+    bias = torch.randn(layers, experts, generator=g)  # experts with different base rates, like a trained router
+    logits = [torch.randn(tokens, experts, generator=g) * (0.5 + l) + bias[l] for l in range(layers)]
+    source = np.array([sources[i % len(sources)] for i in range(tokens)], dtype=object)
+    return RoutingSample(logits, np.arange(tokens) % 50, source, np.arange(tokens) // 20, np.arange(tokens) % 20, top_k)
+
+
+
+
+def random_calibration(layers=2, experts=64, tokens=6000, seed=0):
+    """(Calibration, its [T, N] logits per layer) of random logits with a per-expert trend."""
+    from bh_routing.pvalues import Calibration
+    g = torch.Generator().manual_seed(seed)
+    logits = [torch.randn(tokens, experts, generator=g) + torch.linspace(-1, 1, experts) for _ in range(layers)]
+    return Calibration.from_router_logits(logits, top_k=8), logits

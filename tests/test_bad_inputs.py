@@ -171,6 +171,7 @@ SWEEP = ("sweep", "--preset", "prompts", "--budget", "smoke", "--calibration-tok
 CLI = [
     ("cli calibration-tokens -5", _cli(*SWEEP[:-1], "-5"), ["--calibration-tokens", "whole number >= 1", "-5"]),
     ("cli calibration-tokens abc", _cli(*SWEEP[:-1], "abc"), ["--calibration-tokens", "'abc'"]),
+    ("cli max-new-tokens 0", _cli(*SWEEP, "--max-new-tokens", "0"), ["--max-new-tokens", "whole number >= 1", "0"]),
     ("cli preset unknown", _cli("sweep", "--preset", "everything"), ["--preset", "invalid choice", "'everything'"]),
     ("cli budget unknown", _cli("sweep", "--preset", "full", "--budget", "huge"), ["--budget", "invalid choice"]),
     ("cli demo budget colab", _cli("demo", "--budget", "colab"), ["--budget", "invalid choice"]),

@@ -119,6 +119,19 @@ def test_killed_sweep_resumes_with_every_run_exactly_once(tmp_path):
 
 
 @needs_tiny
+def test_max_new_tokens_sets_the_prompt_suite_generation_length(tmp_path):
+    out = tmp_path / "sweep"
+    done = subprocess.run(_sweep_command(out, "--max-new-tokens", "3"), cwd=tmp_path, env=OFFLINE,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(records) == len(ex.SEED_PROMPT_CONFIGS) and all(r["status"] == "ok" for r in records)
+    prompts = len(records[0]["prompts"])
+    # greedy generation of exactly 3 tokens per prompt (the smoke budget's default is 4)
+    assert {r["generated_tokens"] for r in records} == {3 * prompts}
+
+
+@needs_tiny
 @pytest.mark.slow   # the whole demo: `python -m pytest -q -m slow`
 def test_demo_command_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"

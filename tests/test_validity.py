@@ -30,7 +30,7 @@ import torch
 from statsmodels.stats.multitest import multipletests
 
 from bh_routing import experiments as ex
-from bh_routing import notebook_support as nbs
+from bh_routing import bh_diagnostics as bhd
 from bh_routing import pvalues as pv
 from bh_routing.__main__ import DEMO_RUNS
 from bh_routing.selection import ADAPTIVE_DEFAULTS, STEPUP_DEFAULTS, build_router
@@ -52,8 +52,8 @@ def preset_stepup_configs() -> list[dict]:
     for strategy in ("bh", "by"):
         low, high = ex.KNOBS[strategy][1:3]
         configs += [{"strategy": strategy, "alpha": a} for a in (low, high)]
-    configs += [{"strategy": "bh", "alpha": a} for a in nbs.LIVE_SLIDERS["alpha"]]
-    configs += [{"strategy": "bh", "weights_temperature": t} for t in nbs.LIVE_SLIDERS["weights_temperature"]]
+    configs += [{"strategy": "bh", "alpha": a} for a in bhd.LIVE_SLIDERS["alpha"]]
+    configs += [{"strategy": "bh", "weights_temperature": t} for t in bhd.LIVE_SLIDERS["weights_temperature"]]
     return [{**ADAPTIVE_DEFAULTS, **STEPUP_DEFAULTS, "temperature": 1.0, "weights_temperature": 1.0, **c}
             for c in configs if c.get("strategy") in ("bh", "by")]
 

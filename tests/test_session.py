@@ -1,0 +1,84 @@
+"""bh_routing.session and notebook_support: parameters resolved, the calibration saved then
+reused, Markdown tables, reports, zips."""
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from bh_routing import cost
+from bh_routing import notebook_support as nbs, session as sessions
+from bh_routing.models import TINY_MODEL_DIR
+
+needs_tiny = pytest.mark.skipif(not (Path(TINY_MODEL_DIR) / "model.safetensors").exists(),
+                                reason="the bundled tiny OLMoE (bh_routing/assets/tiny-olmoe) is not in this checkout")
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
+
+
+
+@needs_tiny
+def test_load_or_calibrate_saves_then_reuses(tmp_path):
+    from bh_routing.models import load_model
+    model, tokenizer = load_model("tiny", verbose=False)
+    session = sessions.start_session("02", model="tiny", budget="smoke", out=tmp_path, seed=0)
+    assert session.folder == tmp_path / "02_bh_deep_dive" / "tiny_smoke" and session.folder.is_dir()
+    first, logits, how = sessions.load_or_calibrate(session, model, tokenizer, need_logits=True)
+    assert "calibrated now" in how and session.calibration_path.exists()
+    second, again, how = sessions.load_or_calibrate(session, model, tokenizer, need_logits=True, progress=False)
+    assert how.startswith("loaded from")
+    for a, b in zip(logits, again):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(first.empirical, second.empirical)
+    summary = sessions.calibration_summary(second)
+    assert (summary["smallest_p"] == 1 / (summary["null_min"] + 1)).all()
+
+
+# --------------------------------------------------------------------------- sessions and results
+
+
+def test_session_resolution(tmp_path):
+    assert sessions.resolve_model("auto", cuda=False) == "tiny"
+    assert sessions.resolve_model("auto", cuda=True) == "allenai/OLMoE-1B-7B-0924"
+    assert sessions.resolve_budget("auto", cuda=False) == "demo" and sessions.resolve_budget("auto", cuda=True) == "colab"
+    with pytest.raises(ValueError):
+        sessions.resolve_budget("huge")
+    assert sessions.slug("allenai/OLMoE-1B-7B-0924") == "allenai-OLMoE-1B-7B-0924"
+    session = sessions.start_session("01", model="allenai/OLMoE-1B-7B-0924", budget="colab", out=tmp_path, seed=3)
+    assert session.plan is not None  # the built-in config plans offline
+    assert session.folder.name == "allenai-OLMoE-1B-7B-0924_colab"
+    assert "Memory plan" in session.markdown() and json.dumps(session.describe(), default=str)
+    plan = cost.t4_memory_plan()
+    assert plan.fits and 12.5 < plan.weight_bytes / 2**30 < 13.5
+
+
+def test_markdown_table_zip_and_download(tmp_path):
+    frame = pd.DataFrame({"a": [1, 123456], "b": [0.123456, float("nan")], "c": ["x|y", None], "d": [True, False]})
+    text = nbs.markdown_table(frame, digits=3)
+    assert text.splitlines()[0] == "| a | b | c | d |"
+    assert "| 1 | 0.123 | x\\|y | yes |" in text and "| 123,456 | – | – | no |" in text
+    assert nbs.markdown_table(frame.iloc[:0]) == "_(no rows)_\n"
+    folder = tmp_path / "results"
+    (folder / "runs").mkdir(parents=True)
+    (folder / "a.csv").write_text("x\n1\n")
+    (folder / "fig.png").write_bytes(b"png")
+    (folder / "runs" / "big.npz").write_bytes(b"0" * 100)
+    (folder / "runs" / "r.json").write_text("{}")
+    archive = nbs.zip_folder(folder)
+    with zipfile.ZipFile(archive) as z:
+        assert sorted(z.namelist()) == ["results/a.csv", "results/fig.png"]
+    assert "not on Colab" in nbs.offer_download(archive)
+    report = nbs.write_report(folder / "R.md", "Title", None, ["## A", "text"], [("fig.png", "a figure")])
+    assert report.read_text().startswith("# Title") and "![a figure](fig.png)" in report.read_text()
+    assert cost.read_csv(folder / "missing.csv").empty and cost.format_duration(4000) == "67 min"
+
+
