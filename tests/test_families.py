@@ -70,6 +70,8 @@ def test_weights_temperature_refused_where_weights_are_sigmoid_scores():
 
 def test_blocks_not_understood_are_refused_by_name():
     import transformers
+    if not hasattr(transformers, "Llama4TextConfig"):
+        pytest.skip(f"transformers {transformers.__version__} has no Llama-4")
     config = transformers.Llama4TextConfig(vocab_size=64, hidden_size=32, intermediate_size=32, intermediate_size_mlp=32,
                                            num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                                            head_dim=8, num_local_experts=4, num_experts_per_tok=1)
