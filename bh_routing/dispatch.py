@@ -26,9 +26,12 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-# Fused layout: torch's grouped GEMM (one call for all experts) where torch has a kernel for the
-# device and dtype, the per-expert loop otherwise. Module-level switch so benchmarks compare both.
+# Fused layout: torch's grouped GEMM (one call for all experts) on accelerators where torch has a
+# kernel for the dtype, the per-expert loop otherwise. Not on the CPU: there torch 2.13's grouped GEMM
+# is a loop of the same matmuls in fp32 (equal time) and 1.25x slower than the loop in bf16 at
+# OLMoE's shapes (bench/bench_real_shape.py). Module-level switches so tests and benchmarks run both.
 USE_GROUPED_MM = True
+GROUPED_MM_ON_CPU = False
 
 
 @dataclass(frozen=True)
@@ -120,11 +123,13 @@ _GROUPED_UNSUPPORTED: set = set()  # (device type, dtype) where torch's grouped 
 
 def _grouped(rows, pairs, gate_up_proj, down_proj, gate_fn) -> torch.Tensor | None:
     """Both projections as torch grouped GEMMs over the expert-sorted rows (one call each, no Python
-    loop), or None where torch has no such kernel for this device/dtype (e.g. fp16 or pre-sm80 CUDA):
-    tried once per (device, dtype), then the per-expert loop is used."""
+    loop), or None on the CPU (the loop is as fast or faster there) and where torch has no such kernel
+    for this device/dtype (e.g. fp16 or pre-sm80 CUDA): tried once per (device, dtype), then the
+    per-expert loop is used."""
     key = (rows.device.type, rows.dtype)
     size = rows.element_size()
-    if (not USE_GROUPED_MM or not hasattr(F, "grouped_mm") or key in _GROUPED_UNSUPPORTED
+    if (not USE_GROUPED_MM or (rows.device.type == "cpu" and not GROUPED_MM_ON_CPU)
+            or not hasattr(F, "grouped_mm") or key in _GROUPED_UNSUPPORTED
             or any(t.data_ptr() % 16 for t in (rows, gate_up_proj, down_proj))  # 16-byte aligned rows
             or any(dim * size % 16 for dim in (rows.shape[1], down_proj.shape[-1]))
             or not (gate_up_proj.is_contiguous() and down_proj.is_contiguous())):

@@ -320,12 +320,12 @@ def test_dispatch_functions_compute_only_real_pairs():
         seen.append(h.shape[0])
         g, u = h.chunk(2, dim=-1)
         return F.silu(g) * u
-    for grouped in (True, False):
-        dsp.USE_GROUPED_MM = grouped
+    for grouped in (True, False):  # the grouped GEMM (forced on the CPU, where it is off by default), the loop
+        dsp.USE_GROUPED_MM, dsp.GROUPED_MM_ON_CPU = grouped, grouped
         try:
             out = dsp.moe_fused(x, pairs, gate_up, down, gate)
         finally:
-            dsp.USE_GROUPED_MM = True
+            dsp.USE_GROUPED_MM, dsp.GROUPED_MM_ON_CPU = True, False
         reference = torch.zeros_like(x)
         for t in range(tokens):
             for j in range(int(counts[t])):
