@@ -20,6 +20,7 @@ Two expert layouts are supported:
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -40,10 +41,16 @@ class Pairs:
     slot: torch.Tensor  # [P] long: flat cell t*K + j of the pair in the [T, K] routing
     token: torch.Tensor  # [P] long
     weight: torch.Tensor  # [P] float32 routing weight
-    sizes: list[int]  # [E] pairs per expert, host ints (the per-expert slices need them)
+    per_expert: torch.Tensor  # [E] long: pairs per expert
     offsets: torch.Tensor  # [E] int32 cumulative sizes (grouped GEMM offsets)
     num_tokens: int
     num_slots: int  # K
+
+    @functools.cached_property
+    def sizes(self) -> list[int]:
+        """[E] pairs per expert as host ints, for the per-expert slices: a host sync on an
+        accelerator, so only read where needed (the grouped GEMM path never does)."""
+        return self.per_expert.tolist()
 
 
 def compact_pairs(indices: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor,
@@ -58,7 +65,7 @@ def compact_pairs(indices: torch.Tensor, weights: torch.Tensor, counts: torch.Te
     slot = slot[order]
     per_expert = torch.bincount(expert_sorted, minlength=num_experts)  # [E]
     return Pairs(slot=slot, token=torch.div(slot, num_slots, rounding_mode="floor"),
-                 weight=weights.flatten()[slot].float(), sizes=per_expert.tolist(),  # one host sync
+                 weight=weights.flatten()[slot].float(), per_expert=per_expert,
                  offsets=per_expert.cumsum(0).to(torch.int32), num_tokens=num_tokens, num_slots=num_slots)
 
 

@@ -638,3 +638,30 @@ def test_compact_dispatch_precision_in_bfloat16(family, implementation):
     errors = {d: (out - exact).abs().mean().item() for d, out in outputs.items()}
     assert errors["compact"] <= errors["native"], errors
     assert (outputs["compact"] - outputs["native"]).abs().max() <= 4 * 2 ** -8 * exact.abs().max()  # a few ulp
+
+
+def test_grouped_dispatch_needs_no_host_sizes():
+    """The grouped GEMM path reads the per-expert counts on the device only (no host sync for them):
+    forced on the CPU, it matches the per-expert loop without ever materialising ``pairs.sizes``."""
+    torch.manual_seed(0)
+    num_experts, hidden, inter, tokens, slots = 4, 16, 8, 12, 3
+    gate_up, down = torch.randn(num_experts, 2 * inter, hidden), torch.randn(num_experts, hidden, inter)
+    x = torch.randn(tokens, hidden)
+    indices = torch.stack([torch.randperm(num_experts)[:slots] for _ in range(tokens)])
+    counts = torch.randint(1, slots + 1, (tokens,))
+
+    def gate(h):
+        g, u = h.chunk(2, dim=-1)
+        return F.silu(g) * u
+    weights = torch.rand(tokens, slots)
+    grouped_pairs = dsp.compact_pairs(indices, weights, counts, num_experts)
+    dsp.GROUPED_MM_ON_CPU = True
+    try:
+        grouped = dsp.moe_fused(x, grouped_pairs, gate_up, down, gate)
+    finally:
+        dsp.GROUPED_MM_ON_CPU = False
+    assert "sizes" not in vars(grouped_pairs)
+    loop_pairs = dsp.compact_pairs(indices, weights, counts, num_experts)
+    looped = dsp.moe_fused(x, loop_pairs, gate_up, down, gate)
+    assert "sizes" in vars(loop_pairs)
+    torch.testing.assert_close(grouped, looped, rtol=1e-5, atol=1e-5)
