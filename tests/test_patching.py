@@ -665,3 +665,23 @@ def test_grouped_dispatch_needs_no_host_sizes():
     looped = dsp.moe_fused(x, loop_pairs, gate_up, down, gate)
     assert "sizes" in vars(loop_pairs)
     torch.testing.assert_close(grouped, looped, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_loop_accumulates_exactly_as_one_combine(dtype):
+    """On the CPU the per-expert loop adds each expert's weighted rows straight into the total: the
+    result is bit-identical to concatenating every expert's output and summing once (`_combine`)."""
+    torch.manual_seed(1)
+    num_experts, hidden, inter, tokens, slots = 5, 16, 8, 20, 4
+    gate_up = torch.randn(num_experts, 2 * inter, hidden).to(dtype)
+    down = torch.randn(num_experts, hidden, inter).to(dtype)
+    x = torch.randn(tokens, hidden).to(dtype)
+    indices = torch.stack([torch.randperm(num_experts)[:slots] for _ in range(tokens)])
+    pairs = dsp.compact_pairs(indices, torch.rand(tokens, slots), torch.randint(0, slots + 1, (tokens,)), num_experts)
+    gate = dsp.default_gate(F.silu)
+    rows = x[pairs.token]
+    outs = torch.cat([F.linear(gate(F.linear(chunk, gate_up[e])), down[e])
+                      for e, chunk in enumerate(torch.split(rows, pairs.sizes)) if chunk.shape[0]])
+    for weights_dtype in (None, torch.float32):
+        expected = dsp._combine(outs, pairs, dtype, weights_dtype)
+        assert torch.equal(dsp.moe_fused(x, pairs, gate_up, down, gate, weights_dtype), expected)
