@@ -136,8 +136,9 @@ def moe_fused(hidden: torch.Tensor, pairs: Pairs, gate_up_proj: torch.Tensor, do
     # same order as _combine's single index_add_ (bit-identical), without the [P, H] concatenation and
     # its widened copy (~10 % of a bf16 block at T = 512, OLMoE shapes)
     total = None
-    for e, chunk, token, weight in zip(range(len(pairs.sizes)), torch.split(rows, pairs.sizes),
-                                       torch.split(pairs.token, pairs.sizes), torch.split(pairs.weight, pairs.sizes)):
+    per_expert = zip(torch.split(rows, pairs.sizes), torch.split(pairs.token, pairs.sizes),
+                     torch.split(pairs.weight, pairs.sizes))
+    for e, (chunk, token, weight) in enumerate(per_expert):  # [n, H], [n], [n]
         if chunk.shape[0]:
             weighted = _weigh(expert(e, chunk), weight, weights_dtype)  # [n, H]
             if total is None:
