@@ -46,6 +46,9 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     model, tokenizer, name = load("tiny", "cpu", 256)
     report = {"model": name, "machine": machine_info(torch.device("cpu")), "args": vars(args), "runs": []}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"vs_lm_eval_cpu_{time.strftime('%Y%m%d-%H%M%S')}.json"
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
         for task, n in TASKS.items():  # warm-up
@@ -78,12 +81,9 @@ def main(argv=None) -> dict:
               + " (target >= 1.7)", flush=True)
         report["runs"].append({"threads": threads, "tasks": rows, "overall_speedup": overall,
                                "target_met": min(overall.values()) >= 1.7})
-    report["machine"]["load_average_end"] = os.getloadavg()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"vs_lm_eval_cpu_{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(report, indent=1, default=str))
-    print(f"wrote {path}")
+        report["machine"]["load_average_end"] = os.getloadavg()
+        path.write_text(json.dumps(report, indent=1, default=str))  # after each thread count: nothing lost
+        print(f"wrote {path}", flush=True)
     return report
 
 
