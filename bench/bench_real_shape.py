@@ -3,6 +3,7 @@ random weights, the installed transformers' own block: what the patch costs and 
 
     python bench/bench_real_shape.py                                   # T 512,2048,8192; fp32,bf16; 1,2 threads
     python bench/bench_real_shape.py --tokens 2048 --dtypes float32 --threads 1 --profile
+    python bench/bench_real_shape.py --model-layers 4 --dtypes bfloat16 --threads 1 --items 10 --repeats 2
 
 Per (threads, dtype, T), timed round-robin in one process (A B C A B C ...), after a warm-up:
 * ``unpatched``: the model's own block (router + top-8 + its experts kernel);
@@ -13,11 +14,15 @@ Per (threads, dtype, T), timed round-robin in one process (A B C A B C ...), aft
   softmax + top-8), to give their share of the patched block's time.
 Median, min and max of ``--repeats`` samples; ratios are medians over the unpatched median of the
 same run. ``--profile``: a torch.profiler table of the patched k~4 block (the first config).
-Writes bench/results/real_shape_<device>_<stamp>.json (machine, threads, versions, load average).
+``--model-layers N``: instead, a full-width model of N decoder layers (attention + MoE, vocab
+50,304): the evaluator's tokens/s on HellaSwag under each routing (``bench_model_eval``).
+Writes bench/results/real_shape_cpu_<stamp>.json or real_model_cpu_<stamp>.json (machine, threads,
+versions, load average).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -115,6 +120,40 @@ def profile_table(model, tokens: int, dtype, rows: int = 25) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
+def bench_model_eval(layers: int, dtype, items: int, repeats: int) -> dict:
+    """A full-width OLMoE of ``layers`` decoder layers (attention + MoE, vocab 50,304, random weights):
+    the evaluator's input tokens/s on HellaSwag (bundled, ``items`` items, 512-token windows) under each
+    routing, rounds interleaved, the fastest kept."""
+    from transformers import AutoTokenizer
+
+    from bh_routing import evaluation as ev
+    from bh_routing.models import TINY_MODEL_DIR
+    from gpu_check import _patch, _routings
+    model = build_model(FULL["hidden"], FULL["intermediate"], FULL["experts"], FULL["top_k"], layers, 50304, dtype,
+                        torch.device("cpu"))
+    tokenizer = AutoTokenizer.from_pretrained(str(TINY_MODEL_DIR))  # ids < 4,096: valid for the 50,304 vocabulary
+    ids = torch.randint(3, 4096, (1, 512), generator=torch.Generator().manual_seed(0))
+    routings = _routings(model, ids, FULL["top_k"])
+    sides = {"unpatched": None, **{label: _patch(model, cfg, dispatch, record=False)
+                                   for label, (cfg, dispatch) in routings.items()}}
+
+    def evaluate(patch):
+        with patch if patch is not None else contextlib.nullcontext():
+            return ev.evaluate(model, tokenizer, "hellaswag", n=items, seed=0, source="bundled", max_length=512)
+    evaluate(None)  # warm-up
+    rates = {label: [] for label in sides}
+    for _ in range(repeats):
+        for label, patch in sides.items():
+            rates[label].append(evaluate(patch).config["scoring"]["input_tokens_per_s"])
+    best = {label: max(r) for label, r in rates.items()}
+    result = {"layers": layers, "dtype": str(dtype), "items": items, "tokens_per_s": best, "all_rounds": rates,
+              "relative_to_unpatched": {label: v / best["unpatched"] for label, v in best.items()}}
+    print(f"\n== full-width model, {layers} layers, {dtype}, HellaSwag {items} items: evaluator tokens/s")
+    for label, value in best.items():
+        print(f"   {label:20s} {value:8.1f} tok/s  {result['relative_to_unpatched'][label]:6.3f}x")
+    return result
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", default="512,2048,8192", help="tokens per block call (comma list)")
@@ -123,10 +162,19 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--profile", action="store_true", help="print a profiler table of the patched k~4 block")
+    parser.add_argument("--model-layers", type=int, default=0,
+                        help="instead of blocks: the evaluator on a full-width model of this many layers")
+    parser.add_argument("--items", type=int, default=10, help="HellaSwag items for --model-layers")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
     device = torch.device("cpu")
     results = {"machine": machine_info(device), "args": vars(args), "targets": TARGETS, "runs": []}
+    if args.model_layers:
+        torch.set_num_threads(int(args.threads.split(",")[0]))
+        results["machine"]["torch_threads"] = torch.get_num_threads()
+        results["model_eval"] = [bench_model_eval(args.model_layers, getattr(torch, d), args.items, args.repeats)
+                                 for d in args.dtypes.split(",")]
+        return _write(results, Path(args.out), "real_model")
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         model = build_model(FULL["hidden"], FULL["intermediate"], FULL["experts"], FULL["top_k"], 1, 256, dtype, device)
@@ -140,10 +188,13 @@ def main(argv=None) -> dict:
                     results["profile"] = profile_table(model, tokens, dtype)
                     print(results["profile"])
         del model
+    return _write(results, Path(args.out), "real_shape")
+
+
+def _write(results: dict, out: Path, name: str) -> dict:
     results["machine"]["load_average_end"] = os.getloadavg()
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"real_shape_cpu_{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path = out / f"{name}_cpu_{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(results, indent=1, default=str))
     print(f"wrote {path}")
     return results
