@@ -141,12 +141,14 @@ def bench_block(name: str, shape: dict, args, device, dtype) -> dict:
             variants[f"block {label} {mode}"] = (lambda p: lambda: _with(p, lambda: block(x)))(patch)
         cache = {}
         experts_only[f"experts {label} native"] = (
-            lambda r, w: lambda: layout.native(block, flat, r.indices, w))(routing, weights)
+            lambda r, w: lambda: layout.native(block, flat, r.indices, w, False))(routing, weights)
         experts_only[f"experts {label} compact"] = (lambda r: lambda: layout.compact(
-            block, flat, dsp.compact_pairs(r.indices, r.weights, r.counts, block_info.num_experts), cache))(routing)
+            block, flat, dsp.compact_pairs(r.indices, r.weights, r.counts, block_info.num_experts), cache,
+            False, None))(routing)
         if layout.name == "fused" and hasattr(torch.nn.functional, "grouped_mm") and device.type == "cpu":
-            experts_only[f"experts {label} compact-loop"] = (lambda r: lambda: _no_grouped(lambda: layout.compact(
-                block, flat, dsp.compact_pairs(r.indices, r.weights, r.counts, block_info.num_experts), cache)))(routing)
+            experts_only[f"experts {label} compact-grouped"] = (lambda r: lambda: _grouped_on_cpu(lambda: layout.compact(
+                block, flat, dsp.compact_pairs(r.indices, r.weights, r.counts, block_info.num_experts), cache,
+                False, None)))(routing)
     times = timed({**variants, **experts_only}, args.repeats, args.warmup, device)
     ref_block, ref_experts = times["unpatched"], times[f"experts k={k} native"]
     ratios = {}
@@ -170,12 +172,13 @@ def _with(patch, fn):
         return fn()
 
 
-def _no_grouped(fn):
-    dsp.USE_GROUPED_MM = False
+def _grouped_on_cpu(fn):
+    """The grouped GEMM forced on the CPU (the per-expert loop is the CPU default)."""
+    dsp.GROUPED_MM_ON_CPU = True
     try:
         return fn()
     finally:
-        dsp.USE_GROUPED_MM = True
+        dsp.GROUPED_MM_ON_CPU = False
 
 
 def _print_block(name, result):

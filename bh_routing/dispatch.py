@@ -20,15 +20,19 @@ Two expert layouts are supported:
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-# Fused layout: torch's grouped GEMM (one call for all experts) where torch has a kernel for the
-# device and dtype, the per-expert loop otherwise. Module-level switch so benchmarks compare both.
+# Fused layout: torch's grouped GEMM (one call for all experts) on accelerators where torch has a
+# kernel for the dtype, the per-expert loop otherwise. Not on the CPU: there torch 2.13's grouped GEMM
+# is a loop of the same matmuls in fp32 (equal time) and 1.25x slower than the loop in bf16 at
+# OLMoE's shapes (bench/bench_real_shape.py). Module-level switches so tests and benchmarks run both.
 USE_GROUPED_MM = True
+GROUPED_MM_ON_CPU = False
 
 
 @dataclass(frozen=True)
@@ -37,10 +41,16 @@ class Pairs:
     slot: torch.Tensor  # [P] long: flat cell t*K + j of the pair in the [T, K] routing
     token: torch.Tensor  # [P] long
     weight: torch.Tensor  # [P] float32 routing weight
-    sizes: list[int]  # [E] pairs per expert, host ints (the per-expert slices need them)
+    per_expert: torch.Tensor  # [E] long: pairs per expert
     offsets: torch.Tensor  # [E] int32 cumulative sizes (grouped GEMM offsets)
     num_tokens: int
     num_slots: int  # K
+
+    @functools.cached_property
+    def sizes(self) -> list[int]:
+        """[E] pairs per expert as host ints, for the per-expert slices: a host sync on an
+        accelerator, so only read where needed (the grouped GEMM path never does)."""
+        return self.per_expert.tolist()
 
 
 def compact_pairs(indices: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor,
@@ -55,7 +65,7 @@ def compact_pairs(indices: torch.Tensor, weights: torch.Tensor, counts: torch.Te
     slot = slot[order]
     per_expert = torch.bincount(expert_sorted, minlength=num_experts)  # [E]
     return Pairs(slot=slot, token=torch.div(slot, num_slots, rounding_mode="floor"),
-                 weight=weights.flatten()[slot].float(), sizes=per_expert.tolist(),  # one host sync
+                 weight=weights.flatten()[slot].float(), per_expert=per_expert,
                  offsets=per_expert.cumsum(0).to(torch.int32), num_tokens=num_tokens, num_slots=num_slots)
 
 
@@ -69,7 +79,7 @@ def _combine(expert_out: torch.Tensor, pairs: Pairs, dtype: torch.dtype,
     code instead adds one expert at a time in the activation dtype (a rounding per expert), so in
     bf16/fp16 the two differ by a few units in the last place; in float32 they agree to ~1e-6."""
     hidden = expert_out.shape[-1]
-    weighted = expert_out * pairs.weight.to(weights_dtype or expert_out.dtype)[:, None]  # [P, H]
+    weighted = _weigh(expert_out, pairs.weight, weights_dtype)  # [P, H]
     accumulate = torch.promote_types(weighted.dtype, torch.float32)
     if expert_out.device.type == "cpu":  # sequential on the CPU: deterministic, and P rows of traffic only
         total = torch.zeros(pairs.num_tokens, hidden, dtype=accumulate, device=weighted.device)
@@ -79,6 +89,11 @@ def _combine(expert_out: torch.Tensor, pairs: Pairs, dtype: torch.dtype,
     cells = weighted.new_zeros(pairs.num_tokens * pairs.num_slots, hidden)  # [T*K, H]
     cells.index_copy_(0, pairs.slot, weighted)
     return cells.view(pairs.num_tokens, pairs.num_slots, hidden).sum(dim=1, dtype=accumulate).to(dtype)
+
+
+def _weigh(expert_out: torch.Tensor, weight: torch.Tensor, weights_dtype: torch.dtype | None) -> torch.Tensor:
+    """Expert outputs ``[n, H]`` times their routing weights ``[n]``, in the mixing dtype."""
+    return expert_out * weight.to(weights_dtype or expert_out.dtype)[:, None]
 
 
 def moe_modules(hidden: torch.Tensor, pairs: Pairs, experts: Sequence[Callable],
@@ -109,10 +124,28 @@ def moe_fused(hidden: torch.Tensor, pairs: Pairs, gate_up_proj: torch.Tensor, do
     if rows.shape[0] == 0:
         return torch.zeros_like(hidden)
     out = _grouped(rows, pairs, gate_up_proj, down_proj, gate_fn)
-    if out is None:  # one small GEMM per expert that has rows
-        out = torch.cat([F.linear(gate_fn(F.linear(chunk, gate_up_proj[e])), down_proj[e])
-                         for e, chunk in enumerate(torch.split(rows, pairs.sizes)) if chunk.shape[0]])
-    return _combine(out, pairs, hidden.dtype, weights_dtype)
+    if out is not None:
+        return _combine(out, pairs, hidden.dtype, weights_dtype)
+
+    def expert(e: int, chunk: torch.Tensor) -> torch.Tensor:  # [n, H] -> [n, H]: one small GEMM pair
+        return F.linear(gate_fn(F.linear(chunk, gate_up_proj[e])), down_proj[e])
+    if rows.device.type != "cpu":
+        return _combine(torch.cat([expert(e, chunk) for e, chunk in enumerate(torch.split(rows, pairs.sizes))
+                                   if chunk.shape[0]]), pairs, hidden.dtype, weights_dtype)
+    # CPU: each expert's weighted rows go straight into the float32 total: the same additions in the
+    # same order as _combine's single index_add_ (bit-identical), without the [P, H] concatenation and
+    # its widened copy (~10 % of a bf16 block at T = 512, OLMoE shapes)
+    total = None
+    per_expert = zip(torch.split(rows, pairs.sizes), torch.split(pairs.token, pairs.sizes),
+                     torch.split(pairs.weight, pairs.sizes))
+    for e, (chunk, token, weight) in enumerate(per_expert):  # [n, H], [n], [n]
+        if chunk.shape[0]:
+            weighted = _weigh(expert(e, chunk), weight, weights_dtype)  # [n, H]
+            if total is None:
+                total = torch.zeros(pairs.num_tokens, weighted.shape[1], device=weighted.device,
+                                    dtype=torch.promote_types(weighted.dtype, torch.float32))
+            total.index_add_(0, token, weighted.to(total.dtype))
+    return total.to(hidden.dtype)
 
 
 _GROUPED_UNSUPPORTED: set = set()  # (device type, dtype) where torch's grouped GEMM raised
@@ -120,11 +153,13 @@ _GROUPED_UNSUPPORTED: set = set()  # (device type, dtype) where torch's grouped 
 
 def _grouped(rows, pairs, gate_up_proj, down_proj, gate_fn) -> torch.Tensor | None:
     """Both projections as torch grouped GEMMs over the expert-sorted rows (one call each, no Python
-    loop), or None where torch has no such kernel for this device/dtype (e.g. fp16 or pre-sm80 CUDA):
-    tried once per (device, dtype), then the per-expert loop is used."""
+    loop), or None on the CPU (the loop is as fast or faster there) and where torch has no such kernel
+    for this device/dtype (e.g. fp16 or pre-sm80 CUDA): tried once per (device, dtype), then the
+    per-expert loop is used."""
     key = (rows.device.type, rows.dtype)
     size = rows.element_size()
-    if (not USE_GROUPED_MM or not hasattr(F, "grouped_mm") or key in _GROUPED_UNSUPPORTED
+    if (not USE_GROUPED_MM or (rows.device.type == "cpu" and not GROUPED_MM_ON_CPU)
+            or not hasattr(F, "grouped_mm") or key in _GROUPED_UNSUPPORTED
             or any(t.data_ptr() % 16 for t in (rows, gate_up_proj, down_proj))  # 16-byte aligned rows
             or any(dim * size % 16 for dim in (rows.shape[1], down_proj.shape[-1]))
             or not (gate_up_proj.is_contiguous() and down_proj.is_contiguous())):

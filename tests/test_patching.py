@@ -373,12 +373,12 @@ def test_dispatch_functions_compute_only_real_pairs():
         seen.append(h.shape[0])
         g, u = h.chunk(2, dim=-1)
         return F.silu(g) * u
-    for grouped in (True, False):
-        dsp.USE_GROUPED_MM = grouped
+    for grouped in (True, False):  # the grouped GEMM (forced on the CPU, where it is off by default), the loop
+        dsp.USE_GROUPED_MM, dsp.GROUPED_MM_ON_CPU = grouped, grouped
         try:
             out = dsp.moe_fused(x, pairs, gate_up, down, gate)
         finally:
-            dsp.USE_GROUPED_MM = True
+            dsp.USE_GROUPED_MM, dsp.GROUPED_MM_ON_CPU = True, False
         reference = torch.zeros_like(x)
         for t in range(tokens):
             for j in range(int(counts[t])):
@@ -692,3 +692,50 @@ def test_compact_dispatch_precision_in_bfloat16(family, implementation):
     errors = {d: (out - exact).abs().mean().item() for d, out in outputs.items()}
     assert errors["compact"] <= errors["native"], errors
     assert (outputs["compact"] - outputs["native"]).abs().max() <= 4 * 2 ** -8 * exact.abs().max()  # a few ulp
+
+
+def test_grouped_dispatch_needs_no_host_sizes():
+    """The grouped GEMM path reads the per-expert counts on the device only (no host sync for them):
+    forced on the CPU, it matches the per-expert loop without ever materialising ``pairs.sizes``."""
+    torch.manual_seed(0)
+    num_experts, hidden, inter, tokens, slots = 4, 16, 8, 12, 3
+    gate_up, down = torch.randn(num_experts, 2 * inter, hidden), torch.randn(num_experts, hidden, inter)
+    x = torch.randn(tokens, hidden)
+    indices = torch.stack([torch.randperm(num_experts)[:slots] for _ in range(tokens)])
+    counts = torch.randint(1, slots + 1, (tokens,))
+
+    def gate(h):
+        g, u = h.chunk(2, dim=-1)
+        return F.silu(g) * u
+    weights = torch.rand(tokens, slots)
+    grouped_pairs = dsp.compact_pairs(indices, weights, counts, num_experts)
+    dsp.GROUPED_MM_ON_CPU = True
+    try:
+        grouped = dsp.moe_fused(x, grouped_pairs, gate_up, down, gate)
+    finally:
+        dsp.GROUPED_MM_ON_CPU = False
+    assert "sizes" not in vars(grouped_pairs)
+    loop_pairs = dsp.compact_pairs(indices, weights, counts, num_experts)
+    looped = dsp.moe_fused(x, loop_pairs, gate_up, down, gate)
+    assert "sizes" in vars(loop_pairs)
+    torch.testing.assert_close(grouped, looped, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_loop_accumulates_exactly_as_one_combine(dtype):
+    """On the CPU the per-expert loop adds each expert's weighted rows straight into the total: the
+    result is bit-identical to concatenating every expert's output and summing once (`_combine`)."""
+    torch.manual_seed(1)
+    num_experts, hidden, inter, tokens, slots = 5, 16, 8, 20, 4
+    gate_up = torch.randn(num_experts, 2 * inter, hidden).to(dtype)
+    down = torch.randn(num_experts, hidden, inter).to(dtype)
+    x = torch.randn(tokens, hidden).to(dtype)
+    indices = torch.stack([torch.randperm(num_experts)[:slots] for _ in range(tokens)])
+    pairs = dsp.compact_pairs(indices, torch.rand(tokens, slots), torch.randint(0, slots + 1, (tokens,)), num_experts)
+    gate = dsp.default_gate(F.silu)
+    rows = x[pairs.token]
+    outs = torch.cat([F.linear(gate(F.linear(chunk, gate_up[e])), down[e])
+                      for e, chunk in enumerate(torch.split(rows, pairs.sizes)) if chunk.shape[0]])
+    for weights_dtype in (None, torch.float32):
+        expected = dsp._combine(outs, pairs, dtype, weights_dtype)
+        assert torch.equal(dsp.moe_fused(x, pairs, gate_up, down, gate, weights_dtype), expected)
