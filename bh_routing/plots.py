@@ -339,7 +339,7 @@ def plot_comparison_bars(runs: pd.DataFrame, metric: str, label: str = "label", 
 def plot_experts_by_config(runs: pd.DataFrame, metric: str = "mean_experts", native_k: int | None = 8,
                            yerr: str | None = None, subtitle: str | None = None, **kw) -> Figure:
     """Average active experts per configuration, with the native k as reference line."""
-    return plot_comparison_bars(runs, metric, yerr=yerr, reference=native_k, reference_label=f"native k = {native_k}",
+    return plot_comparison_bars(runs, metric, yerr=yerr, reference=native_k, reference_label=f"native k = {knob(native_k)}",
                                 subtitle=subtitle, title="Average active experts by configuration", **kw)
 
 

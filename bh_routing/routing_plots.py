@@ -199,7 +199,7 @@ def plot_bh_explained(explanation: BhExplanation, subtitle: str | None = None, z
         fig, axes = _figure(2, width=5.4)
         for ax, part, logy in ((axes[0, 0], t, True), (axes[0, 1], t.head(zoom), False)):
             ax.plot(part["rank"], part["critical"], color="#d62728", lw=1.5,
-                    label=f"critical value c_k ({explanation.procedure.upper()}, α = {explanation.alpha})")
+                    label=f"critical value c_k ({explanation.procedure.upper()}, α = {plots.knob(explanation.alpha)})")
             ax.scatter(part["rank"], part["pvalue"], s=22, facecolor=np.where(part["selected"], "#d62728", "white"),
                        edgecolor="#444444", linewidth=0.7, zorder=3, label="sorted p-values (filled: selected)")
             native = part[part["native"]]
