@@ -83,9 +83,9 @@ def scoring_throughput(model, device: str, positions: int = 2048) -> float:
     hidden = torch.randn(positions, head.weight.shape[1], generator=generator).to(device, head.weight.dtype)
     targets = torch.randint(head.weight.shape[0], (positions,), generator=generator).to(device)
     with torch.inference_mode():
-        ev._token_logprobs(hidden, head, targets)      # warm-up
+        ev.engine._token_logprobs(hidden, head, targets)      # warm-up
         started = time.perf_counter()
-        ev._token_logprobs(hidden, head, targets)
+        ev.engine._token_logprobs(hidden, head, targets)
         return positions / (time.perf_counter() - started)
 
 

@@ -86,6 +86,41 @@ def _figure(ncols: int = 1, nrows: int = 1, width: float = 6.4, height: float = 
     return fig, axes
 
 
+MAX_WIDTH = 16.0  # inches: wider figures (one bar per run of a big sweep) are unreadable anyway
+
+
+def _width(n: int, per_item: float, base: float, minimum: float = 5.0) -> float:
+    """Figure width for ``n`` bars/columns, never wider than :data:`MAX_WIDTH`."""
+    return float(min(MAX_WIDTH, max(minimum, per_item * n + base)))
+
+
+def knob(value) -> str:
+    """A knob value for a label: whole numbers as ints ("8", not "8.0"), others with %g."""
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return str(int(number)) if number.is_integer() else f"{number:g}"
+
+
+def spans_decades(values, ratio: float = 10.0) -> bool:
+    """True when the positive ``values`` span more than ``ratio`` (max / min): a log axis reads them."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return bool(v.size >= 2 and v.min() > 0 and v.max() / v.min() > ratio)
+
+
+def _legend_outside(ax, **kw):
+    """The legend beside the axes (right, top-aligned), never over the data; None if nothing is labelled."""
+    handles, labels = ax.get_legend_handles_labels()
+    if not handles:
+        return None
+    return ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                     borderaxespad=0.0, frameon=False, **kw)
+
+
 def _title(fig: Figure, title: str, subtitle: str | None) -> Figure:
     # a long subtitle (the bundled model's description) wraps to the figure's width
     width = max(40, int(fig.get_figwidth() * 12))
@@ -148,13 +183,14 @@ def pareto_front(points, higher_is_better: bool = False) -> np.ndarray:
 
 def plot_pareto(runs: pd.DataFrame, quality: str = "perplexity", higher_is_better: bool = False,
                 x: str = "mean_experts", strategy: str = "strategy", dataset: str | None = "dataset",
-                native_strategy: str | None = "topk", quality_label: str | None = None, logy: bool = False,
+                native_strategy: str | None = "topk", quality_label: str | None = None, logy: bool | None = None,
                 subtitle: str | None = None, title: str | None = None) -> Figure:
     """Quality vs mean active experts, one panel per dataset: one colour/marker per strategy family,
     the Pareto frontier over all points of the panel (staircase), the native router's top-k points
     (``native_strategy``) drawn large with a black edge and joined by a dashed reference curve.
 
-    ``runs`` columns: ``x``, ``quality``, ``strategy``, ``dataset`` (optional)."""
+    ``runs`` columns: ``x``, ``quality``, ``strategy``, ``dataset`` (optional). ``logy=None``: a log
+    quality axis when the panel's values span decades (a few outliers would flatten the rest)."""
     panels = _groups(runs, dataset)
     with _style():
         fig, axes = _figure(len(panels), width=5.6, height=4.4)
@@ -173,12 +209,12 @@ def plot_pareto(runs: pd.DataFrame, quality: str = "perplexity", higher_is_bette
             if len(front):
                 ax.plot(front[x], front[quality], drawstyle="steps-post", color="0.45", lw=1.5, alpha=0.8,
                         label="Pareto frontier", zorder=1)
-            if logy:
+            if logy or (logy is None and spans_decades(frame[quality])):
                 ax.set_yscale("log")
             ax.set_xlabel(label_for(x))
             ax.set_ylabel(quality_label or label_for(quality))
             ax.set_title(f"dataset: {name}" if name is not None else "all runs")
-            ax.legend(fontsize=7, loc="best")
+            _legend_outside(ax)
         better = "higher" if higher_is_better else "lower"
         return _title(fig, title or f"Quality vs compute: {quality} ({better} is better) vs mean active experts",
                       subtitle)
@@ -199,13 +235,15 @@ def plot_sensitivity(runs: pd.DataFrame, x: str, metrics=("mean_experts",), hue:
                 color, marker = _line_style(name, i, hue)
                 curve = rows.groupby(x)[metric].mean()
                 ax.plot(curve.index, curve.values, marker=marker, color=color,
-                        label=f"{hue} = {name}" if name is not None else None)
+                        label=f"{hue} = {knob(name)}" if name is not None else None)
             if logx:
                 ax.set_xscale("log")
+            if spans_decades(runs[metric]):
+                ax.set_yscale("log")
             ax.set_xlabel(label_for(x))
             ax.set_ylabel(label_for(metric))
             if hue is not None and hue in runs:
-                ax.legend(fontsize=7)
+                _legend_outside(ax)
         return _title(fig, title or f"Sensitivity to {label_for(x)}", subtitle)
 
 
@@ -227,24 +265,32 @@ def plot_saturation(runs: pd.DataFrame, x: str = "alpha", y: str = "mean_experts
                     ceiling: str | None = "ceiling_rate", logx: bool = True, subtitle: str | None = None) -> Figure:
     """Where the count saturates: ``y`` vs ``x``, one line per ``max_k`` with its ceiling drawn
     dashed in the same colour; a second panel with the share of tokens at max_k when ``runs`` has
-    the ``ceiling`` column."""
+    the ``ceiling`` column. The ``y`` axis is scaled from the data, not to the largest max_k (a
+    ceiling of 64 would flatten 3.7 vs 6.6): ceilings above the data are named in the legend only."""
     show_ceiling = ceiling is not None and ceiling in runs
+    highest = float(np.nanmax(runs[y])) if runs[y].notna().any() else 1.0
+    # ceilings near the data (up to 1.5x its maximum) are shown; farther ones would squash the curves
+    near = [float(k) for k in (runs[max_k].dropna().unique() if max_k in runs else ()) if float(k) <= 1.5 * highest]
+    top = max([1.15 * highest] + [1.05 * k for k in near])
     with _style():
         fig, axes = _figure(2 if show_ceiling else 1, width=5.2)
         for i, (k, rows) in enumerate(_groups(runs, max_k)):
             color = sns.color_palette("colorblind", 10)[i % 10]
             curve = rows.groupby(x)[[y] + ([ceiling] if show_ceiling else [])].mean()
-            axes[0, 0].plot(curve.index, curve[y], marker="o", color=color, label=f"max_k = {k}")
-            if k is not None:
-                axes[0, 0].axhline(k, ls="--", lw=1, color=color)
+            drawn = k is not None and float(k) <= top
+            name = f"max_k = {knob(k)}" + ("" if k is None or drawn else " (ceiling above the axis)")
+            axes[0, 0].plot(curve.index, curve[y], marker="o", color=color, label=name)
+            if drawn:
+                axes[0, 0].axhline(float(k), ls="--", lw=1, color=color)
             if show_ceiling:
-                axes[0, 1].plot(curve.index, curve[ceiling], marker="o", color=color, label=f"max_k = {k}")
+                axes[0, 1].plot(curve.index, curve[ceiling], marker="o", color=color, label=f"max_k = {knob(k)}")
+        axes[0, 0].set_ylim(0.0, top)
         for ax, metric in zip(axes[0], [y, ceiling]):
             if logx:
                 ax.set_xscale("log")
             ax.set_xlabel(label_for(x))
             ax.set_ylabel(label_for(metric))
-            ax.legend(fontsize=7)
+            _legend_outside(ax)
         return _title(fig, f"Saturation: {label_for(y)} vs {label_for(x)} (dashed: max_k)", subtitle)
 
 
@@ -257,23 +303,34 @@ def plot_comparison_bars(runs: pd.DataFrame, metric: str, label: str = "label", 
                          title: str | None = None) -> Figure:
     """One bar per configuration (``label``), coloured by ``strategy`` family when present; error
     bars from a ``yerr`` column (symmetric) or ``ci`` = (low column, high column); an optional
-    horizontal ``reference`` line (e.g. native k = 8 or the baseline perplexity)."""
+    horizontal ``reference`` line (e.g. native k = 8 or the baseline perplexity). The legend names
+    the colours (strategy families); the width is capped at :data:`MAX_WIDTH`."""
+    from matplotlib.patches import Patch
+
     frame = runs.reset_index(drop=True)
-    colors = [strategy_style(s)[0] for s in frame[strategy]] if strategy and strategy in frame else "#4c72b0"
+    by_family = bool(strategy) and strategy in frame
+    colors = [strategy_style(s)[0] for s in frame[strategy]] if by_family else "#4c72b0"
     err = None
     if yerr is not None:
         err = frame[yerr].to_numpy()
     elif ci is not None:
         err = np.vstack([frame[metric] - frame[ci[0]], frame[ci[1]] - frame[metric]])
     with _style():
-        fig, axes = _figure(width=max(5.0, 0.55 * len(frame) + 2))
+        fig, axes = _figure(width=_width(len(frame), 0.55, 2))
         ax = axes[0, 0]
         positions = np.arange(len(frame))
         ax.bar(positions, frame[metric], color=colors, yerr=err, capsize=3, edgecolor="white")
-        ax.set_xticks(positions, frame[label].astype(str), rotation=45, ha="right", fontsize=8)
+        ax.set_xticks(positions, frame[label].astype(str), rotation=45, ha="right",
+                      fontsize=8 if len(frame) <= 30 else 6)
         if reference is not None:
             ax.axhline(reference, ls="--", color="0.3", lw=1, label=reference_label)
-            ax.legend(fontsize=7)
+        if by_family:
+            handles, labels = ax.get_legend_handles_labels()
+            handles += [Patch(facecolor=strategy_style(f)[0], label=str(f)) for f in dict.fromkeys(frame[strategy])]
+            ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                      borderaxespad=0.0, frameon=False, title=strategy)
+        else:
+            _legend_outside(ax)
         ax.set_xlabel("configuration")
         ax.set_ylabel(ylabel or label_for(metric))
         return _title(fig, title or f"{label_for(metric)} by configuration", subtitle)
@@ -282,7 +339,7 @@ def plot_comparison_bars(runs: pd.DataFrame, metric: str, label: str = "label", 
 def plot_experts_by_config(runs: pd.DataFrame, metric: str = "mean_experts", native_k: int | None = 8,
                            yerr: str | None = None, subtitle: str | None = None, **kw) -> Figure:
     """Average active experts per configuration, with the native k as reference line."""
-    return plot_comparison_bars(runs, metric, yerr=yerr, reference=native_k, reference_label=f"native k = {native_k}",
+    return plot_comparison_bars(runs, metric, yerr=yerr, reference=native_k, reference_label=f"native k = {knob(native_k)}",
                                 subtitle=subtitle, title="Average active experts by configuration", **kw)
 
 
@@ -319,7 +376,7 @@ def plot_load_cv(load: pd.DataFrame, value: str = "cv", label: str = "label", la
         ax.set_xlabel(label_for(layer))
         ax.set_ylabel(label_for(value))
         if label in load:
-            ax.legend(fontsize=7)
+            _legend_outside(ax)
         return _title(fig, "Expert-load imbalance per layer", subtitle)
 
 
@@ -336,7 +393,7 @@ def plot_token_experts(tokens, counts, min_k: int | None = None, max_k: int | No
     mean = np.nanmean(c, axis=0)
     err = np.vstack([mean - np.nanmin(c, axis=0), np.nanmax(c, axis=0) - mean]) if c.shape[0] > 1 else None
     with _style():
-        fig, axes = _figure(width=max(5.0, 0.3 * len(mean) + 1.5))
+        fig, axes = _figure(width=_width(len(mean), 0.3, 1.5))
         ax = axes[0, 0]
         norm = matplotlib.colors.Normalize(vmin=min_k if min_k is not None else np.nanmin(mean),
                                            vmax=max_k if max_k is not None else np.nanmax(mean) + 1e-9)
@@ -366,7 +423,7 @@ def plot_expert_utilization(load, normalize: str = "relative", layers=None, subt
             bar = "tokens routed"
     layer_ids = np.arange(x.shape[0]) if layers is None else list(layers)
     with _style():
-        fig, axes = _figure(width=min(16.0, 3 + 0.18 * x.shape[1]), height=max(3.2, 1.8 + 0.3 * x.shape[0]))
+        fig, axes = _figure(width=_width(x.shape[1], 0.18, 3), height=max(3.2, 1.8 + 0.3 * x.shape[0]))
         ax = axes[0, 0]
         sns.heatmap(x, ax=ax, cmap="viridis", cbar_kws={"label": bar}, yticklabels=layer_ids,
                     xticklabels=max(1, x.shape[1] // 16))
@@ -393,7 +450,7 @@ def plot_alpha_maxk_heatmap(runs: pd.DataFrame, value: str = "mean_experts", row
     """Annotated heatmap of ``value`` (mean over duplicates) on the ``row`` × ``col`` grid."""
     grid = runs.pivot_table(index=row, columns=col, values=value, aggfunc="mean")
     with _style():
-        fig, axes = _figure(width=max(6.0, 2.5 + 0.8 * grid.shape[1]), height=max(3.8, 1.8 + 0.45 * grid.shape[0]))
+        fig, axes = _figure(width=_width(grid.shape[1], 0.8, 2.5, minimum=6.0), height=max(3.8, 1.8 + 0.45 * grid.shape[0]))
         ax = axes[0, 0]
         sns.heatmap(grid, ax=ax, annot=True, fmt=fmt, cmap="viridis", cbar_kws={"label": label_for(value)},
                     annot_kws={"fontsize": 7})
@@ -414,7 +471,7 @@ def plot_bh_vs_topk(runs: pd.DataFrame, metric: str = "perplexity", x: str = "ma
             ax.plot(curve.index, curve.values, marker=marker, color=color, label=name)
         ax.set_xlabel(f"{label_for(x)} (top-k: k)")
         ax.set_ylabel(label_for(metric))
-        ax.legend(fontsize=7)
+        _legend_outside(ax)
         return _title(fig, f"BH vs top-k by max_k: {label_for(metric)}", subtitle)
 
 
@@ -423,12 +480,14 @@ def plot_experts_by_category(frame: pd.DataFrame, category: str = "category", va
     """Box plot of experts per token (or per prompt) by prompt ``category``, one box per ``hue``
     configuration when present. ``frame``: one row per token/prompt with ``category``, ``value``."""
     with _style():
-        fig, axes = _figure(width=max(5.0, 0.9 * frame[category].nunique() + 2))
+        fig, axes = _figure(width=_width(frame[category].nunique(), 0.9, 2))
         ax = axes[0, 0]
-        sns.boxplot(data=frame, x=category, y=value, hue=hue if hue in frame else None, ax=ax, fliersize=2)
+        sns.boxplot(data=frame, x=category, y=value, hue=hue if hue in frame else None, ax=ax, fliersize=2,
+                    legend=hue in frame)
         ax.set_xlabel("prompt category")
         ax.set_ylabel(label_for(value))
         ax.tick_params(axis="x", labelrotation=30)
+        _legend_outside(ax, title=hue)
         return _title(fig, "Experts by prompt category", subtitle)
 
 
@@ -437,7 +496,7 @@ def plot_grouped_bars(frame: pd.DataFrame, x: str, y: str, hue: str, title: str,
     """Bars of ``y`` per ``x`` group, one bar per ``hue`` value; the legend sits beside the axes,
     never over the bars."""
     with _style():
-        fig, axes = _figure(width=min(12.0, max(6.4, 0.12 * frame[x].nunique() * frame[hue].nunique() + 4)))
+        fig, axes = _figure(width=_width(frame[x].nunique() * frame[hue].nunique(), 0.12, 4, minimum=6.4))
         ax = axes[0, 0]
         sns.barplot(data=frame, x=x, y=y, hue=hue, ax=ax, palette="colorblind")
         ax.tick_params(axis="x", labelrotation=30)
@@ -445,7 +504,7 @@ def plot_grouped_bars(frame: pd.DataFrame, x: str, y: str, hue: str, title: str,
             tick.set_horizontalalignment("right")
         ax.set_xlabel(xlabel or label_for(x))
         ax.set_ylabel(ylabel or label_for(y))
-        ax.legend(fontsize=7, title=hue, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        _legend_outside(ax, title=hue)
         return _title(fig, title, subtitle)
 
 
@@ -464,9 +523,11 @@ def plot_experts_vs_latency(runs: pd.DataFrame, x: str = "mean_experts", y: str 
         if label in runs and len(runs) <= 15:
             for _, r in runs.iterrows():
                 ax.annotate(str(r[label]), (r[x], r[y]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        if spans_decades(runs[y]):
+            ax.set_yscale("log")
         ax.set_xlabel(label_for(x))
         ax.set_ylabel(label_for(y))
-        ax.legend(fontsize=7)
+        _legend_outside(ax)
         return _title(fig, "Active experts vs latency", subtitle)
 
 
@@ -479,7 +540,7 @@ def plot_paired_boxplots(frame: pd.DataFrame, value: str = "value", label: str =
     top; with a ``unit`` column the same unit is joined across configurations (the pairing)."""
     order = list(dict.fromkeys(frame[label]))
     with _style():
-        fig, axes = _figure(width=max(4.5, 1.1 * len(order) + 2))
+        fig, axes = _figure(width=_width(len(order), 1.1, 2, minimum=4.5))
         ax = axes[0, 0]
         sns.boxplot(data=frame, x=label, y=value, order=order, ax=ax, color="#c6dbef", fliersize=0)
         if unit is not None and unit in frame:
@@ -516,5 +577,5 @@ def plot_difference_histogram(baseline, candidate, unit: str = "prompt", stats: 
                 bbox=dict(boxstyle="round", facecolor="white", alpha=0.8))
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"number of {stats['unit']}s")
-        ax.legend(fontsize=7, loc="upper right")
+        _legend_outside(ax)
         return _title(fig, f"Paired differences per {stats['unit']}", subtitle)

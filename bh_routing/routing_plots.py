@@ -12,7 +12,7 @@ import seaborn as sns
 import torch
 
 from . import plots
-from .plots import _figure, _style, _title  # one style for every figure of the package
+from .plots import _figure, _legend_outside, _style, _title, _width  # one style for every figure of the package
 from .native_routing import RoutingSample, _entropy_nats
 from .bh_diagnostics import BhExplanation
 
@@ -35,9 +35,9 @@ def plot_matched_compute(matched: pd.DataFrame, metric: str = "word_perplexity",
                     lw=1.8 if family == "top-k" else 1.2, ms=7 if family == "top-k" else 5, zorder=3 if family == "top-k" else 2)
         ax.set_xlabel("mean active experts per token per layer (achieved)")
         ax.set_ylabel(plots.label_for(metric))
-        ax.legend()
+        _legend_outside(ax)
         return _title(fig, f"Matched compute: {metric.replace('_', ' ')} at k̄ = "
-                           + ", ".join(f"{k:g}" for k in sorted(matched["target_k"].unique())), subtitle)
+                           + ", ".join(plots.knob(k) for k in sorted(matched["target_k"].unique())), subtitle)
 
 
 # =========================================================================== figures
@@ -62,7 +62,8 @@ def plot_logit_distributions(sample: RoutingSample, subtitle: str | None = None,
         ax.set_xlabel("MoE layer")
         ax.set_ylabel("router logit")
         from matplotlib.patches import Patch
-        ax.legend(handles=[Patch(facecolor="#c6dbef", label="all experts"), Patch(facecolor="#fcbba1", label="top-1 expert")])
+        ax.legend(handles=[Patch(facecolor="#c6dbef", label="all experts"), Patch(facecolor="#fcbba1", label="top-1 expert")],
+                  fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
         ax = axes[0, 1]
         colors = sns.color_palette("viridis", sample.num_layers)
         tops = [torch.softmax(logits, dim=-1).max(dim=1).values.numpy() for logits in sample.logits]
@@ -74,7 +75,7 @@ def plot_logit_distributions(sample: RoutingSample, subtitle: str | None = None,
         ax.axvline(1 / sample.num_experts, ls="--", color="0.3", lw=1, label=f"uniform 1/{sample.num_experts}")
         ax.set_xlabel("top-1 routing probability (largest mixing weight)")
         ax.set_ylabel("density")
-        ax.legend(ncol=2 if sample.num_layers > 6 else 1)
+        _legend_outside(ax, ncol=2 if sample.num_layers > 6 else 1)
         return _title(fig, "Router logits and top-1 probability per layer", subtitle)
 
 
@@ -93,14 +94,14 @@ def plot_entropy_across_layers(sample: RoutingSample, subtitle: str | None = Non
         ax.axhline(1.0, ls="--", color="0.3", lw=1, label="uniform router")
         ax.set_xlabel("MoE layer")
         ax.set_ylabel("routing entropy / log N")
-        ax.legend()
+        _legend_outside(ax)
         ax = axes[0, 1]
         top1 = [torch.softmax(l, -1).max(dim=1).values.double().mean().item() for l in sample.logits]
         ax.plot(layers, top1, marker="s", color="#a50f15", label="mean top-1 probability")
         ax.axhline(1 / sample.num_experts, ls="--", color="0.3", lw=1, label="uniform 1/N")
         ax.set_xlabel("MoE layer")
         ax.set_ylabel("top-1 routing probability")
-        ax.legend()
+        _legend_outside(ax)
         return _title(fig, "Routing entropy across layers", subtitle)
 
 
@@ -116,7 +117,7 @@ def plot_concentration(conc: pd.DataFrame, subtitle: str | None = None):
         ax.set_ylim(0, 1)
         ax.set_xlabel("MoE layer")
         ax.set_ylabel("share of routing probability mass")
-        ax.legend(title="dotted: uniform router")
+        _legend_outside(ax, title="dotted: uniform router")
         return _title(fig, "Weight concentration: mass in the top-k experts", subtitle)
 
 
@@ -137,7 +138,7 @@ def plot_mass_left_out(sample: RoutingSample, subtitle: str | None = None):
         ax.set_ylim(0, 1)
         ax.set_xlabel("MoE layer")
         ax.set_ylabel(f"probability mass outside the top-{sample.top_k}")
-        ax.legend()
+        _legend_outside(ax)
         return _title(fig, f"Routing mass the native top-{sample.top_k} leaves out", subtitle)
 
 
@@ -148,7 +149,7 @@ def plot_domain_usage(usage: pd.DataFrame, layer: int, subtitle: str | None = No
         lift = np.log2(usage.drop(index="all") / usage.loc["all"])
     lift = lift.replace([np.inf, -np.inf], np.nan).clip(-3, 3)
     with _style():
-        fig, axes = _figure(width=min(16.0, 3 + 0.2 * usage.shape[1]), height=max(3.0, 1.5 + 0.35 * len(lift)))
+        fig, axes = _figure(width=_width(usage.shape[1], 0.2, 3), height=max(3.0, 1.5 + 0.35 * len(lift)))
         sns.heatmap(lift, ax=axes[0, 0], cmap="RdBu_r", center=0, vmin=-3, vmax=3,
                           cbar_kws={"label": "log2 lift vs all text (clipped at ±3)"},
                           xticklabels=max(1, usage.shape[1] // 16))
@@ -167,7 +168,7 @@ def plot_specialisation(spec: pd.DataFrame, subtitle: str | None = None):
                 label="shuffled sources (chance)")
         ax.set_xlabel("MoE layer")
         ax.set_ylabel("mutual information (bits)")
-        ax.legend()
+        _legend_outside(ax)
         return _title(fig, "Expert specialisation by text source", subtitle)
 
 
@@ -179,7 +180,7 @@ def plot_token_view(view: pd.DataFrame, value: str = "top1_prob", subtitle: str 
     experts = view.pivot(index="layer", columns="position", values="top1_expert")
     labels = view.drop_duplicates("position").sort_values("position")["token"].map(lambda t: repr(t)[1:-1])
     with _style():
-        fig, axes = _figure(width=max(6.0, 0.38 * grid.shape[1] + 2), height=max(3.0, 0.4 * grid.shape[0] + 1.6))
+        fig, axes = _figure(width=_width(grid.shape[1], 0.38, 2, minimum=6.0), height=max(3.0, 0.4 * grid.shape[0] + 1.6))
         ax = axes[0, 0]
         sns.heatmap(grid, ax=ax, cmap="magma", annot=experts.to_numpy(), fmt="d", annot_kws={"fontsize": 6},
                           cbar_kws={"label": value.replace("_", " ")}, xticklabels=list(labels))
@@ -198,7 +199,7 @@ def plot_bh_explained(explanation: BhExplanation, subtitle: str | None = None, z
         fig, axes = _figure(2, width=5.4)
         for ax, part, logy in ((axes[0, 0], t, True), (axes[0, 1], t.head(zoom), False)):
             ax.plot(part["rank"], part["critical"], color="#d62728", lw=1.5,
-                    label=f"critical value c_k ({explanation.procedure.upper()}, α = {explanation.alpha})")
+                    label=f"critical value c_k ({explanation.procedure.upper()}, α = {plots.knob(explanation.alpha)})")
             ax.scatter(part["rank"], part["pvalue"], s=22, facecolor=np.where(part["selected"], "#d62728", "white"),
                        edgecolor="#444444", linewidth=0.7, zorder=3, label="sorted p-values (filled: selected)")
             native = part[part["native"]]
@@ -210,7 +211,7 @@ def plot_bh_explained(explanation: BhExplanation, subtitle: str | None = None, z
                 ax.set_yscale("log")
             ax.set_xlabel("rank k (experts by increasing p-value)")
             ax.set_ylabel("p-value")
-        axes[0, 0].legend(loc="lower right")
+        _legend_outside(axes[0, 1])
         axes[0, 1].set_title(f"first {zoom} ranks")
         return _title(fig, f"BH on one token, layer {explanation.layer} ({explanation.pvalues} p-values): "
                            f"k* = {explanation.k_star}, selected {explanation.k_selected}", subtitle)
@@ -227,12 +228,12 @@ def plot_smallest_pvalues(smallest: Mapping[str, np.ndarray], alpha: float, num_
             high = max(float(logs.max()), math.log10(alpha)) + 0.1
             ax.hist(logs, bins=np.linspace(low, high, 41), color="#6baed6", edgecolor="white")
             ax.axvline(math.log10(alpha / num_experts), color="#d62728", lw=1.5, label=f"α/N = {alpha / num_experts:.2g}")
-            ax.axvline(math.log10(alpha), color="#ff7f0e", lw=1, ls="--", label=f"α = {alpha}")
+            ax.axvline(math.log10(alpha), color="#ff7f0e", lw=1, ls="--", label=f"α = {plots.knob(alpha)}")
             share = float((values <= alpha / num_experts).mean())
             ax.set_title(f"{model}: {share:.0%} of tokens ≤ α/N")
             ax.set_xlabel("log10 smallest p-value of the token")
             ax.set_ylabel("tokens × layers")
-            ax.legend()
+            _legend_outside(ax)
         return _title(fig, "Why naive p-values fail: the smallest p-value per token", subtitle)
 
 
@@ -240,7 +241,7 @@ def plot_count_heatmap(tokens: Sequence[str], counts: np.ndarray, subtitle: str 
     """Heatmap layer × token of the experts each token used, annotated."""
     counts = np.asarray(counts)
     with _style():
-        fig, axes = _figure(width=max(6.0, 0.38 * counts.shape[1] + 2), height=max(3.0, 0.4 * counts.shape[0] + 1.6))
+        fig, axes = _figure(width=_width(counts.shape[1], 0.38, 2, minimum=6.0), height=max(3.0, 0.4 * counts.shape[0] + 1.6))
         ax = axes[0, 0]
         sns.heatmap(counts, ax=ax, cmap="viridis", annot=True, fmt="d", annot_kws={"fontsize": 6}, vmin=0,
                           vmax=max_k, cbar_kws={"label": "experts"}, xticklabels=[repr(t)[1:-1] for t in tokens])
@@ -259,7 +260,7 @@ def plot_maxk_lines(grid: pd.DataFrame, metric: str, topk: pd.DataFrame | None =
         colors = sns.color_palette("colorblind", grid["alpha"].nunique())
         for color, (alpha, rows) in zip(colors, grid.groupby("alpha")):
             rows = rows.sort_values("max_k")
-            ax.plot(rows["max_k"], rows[metric], marker="o", color=color, label=f"BH α = {alpha:g}")
+            ax.plot(rows["max_k"], rows[metric], marker="o", color=color, label=f"BH α = {plots.knob(alpha)}")
         if topk is not None and len(topk) and metric in topk:
             rows = topk.sort_values("k")
             ax.plot(rows["k"], rows[metric], marker="s", ls="--", color="#222222", label="top-k (k = max_k)")
@@ -268,5 +269,5 @@ def plot_maxk_lines(grid: pd.DataFrame, metric: str, topk: pd.DataFrame | None =
         ax.set_xticks(ks, [str(k) for k in ks])
         ax.set_xlabel("max_k")
         ax.set_ylabel(ylabel or plots.label_for(metric))
-        ax.legend()
+        _legend_outside(ax)
         return _title(fig, title or f"{plots.label_for(metric)} vs max_k", subtitle)

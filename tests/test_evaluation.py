@@ -248,7 +248,7 @@ def test_logits_at_scored_positions_equal_the_full_model_logits(tiny, monkeypatc
     model, tokenizer = tiny
     requests = _requests("lambada", tokenizer, 5)
     split = ev.score_requests(model, requests, batch_size=5)
-    monkeypatch.setattr(ev, "_split_head", lambda model: None)
+    monkeypatch.setattr(ev.engine, "_split_head", lambda model: None)
     full = ev.score_requests(model, requests, batch_size=5)
     assert full.stats["logits"].startswith("full") and split.stats["logits"].startswith("scored")
     np.testing.assert_allclose(split.logprobs, full.logprobs, rtol=0, atol=TOL)
@@ -264,8 +264,8 @@ def test_out_of_memory_halves_the_batch_and_goes_on(tiny, monkeypatch):
                 raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
             return real(model, split, batch, *args)
         return run
-    monkeypatch.setattr(ev, "_score_batch", small_memory(ev._score_batch))
-    monkeypatch.setattr(ev, "_score_shared_batch", small_memory(ev._score_shared_batch))
+    monkeypatch.setattr(ev.engine, "_score_batch", small_memory(ev.engine._score_batch))
+    monkeypatch.setattr(ev.engine, "_score_shared_batch", small_memory(ev.engine._score_shared_batch))
     for kwargs in ({"batch_size": 16}, {"max_batch_tokens": 100_000}):
         for share_prefix in (False, True):
             scores = ev.score_requests(model, requests, share_prefix=share_prefix, **kwargs)
@@ -274,7 +274,7 @@ def test_out_of_memory_halves_the_batch_and_goes_on(tiny, monkeypatch):
 
     def no_memory(*args):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-    monkeypatch.setattr(ev, "_score_batch", no_memory)
+    monkeypatch.setattr(ev.engine, "_score_batch", no_memory)
     with pytest.raises(RuntimeError, match="smaller max_length"):
         ev.score_requests(model, requests, share_prefix=False)
 
@@ -371,7 +371,7 @@ def test_lambada_and_wikitext_preprocessing_match_lm_eval():
         assert data.lambada_context_target(doc) == (apply_template("{{text.split(' ')[:-1]|join(' ')}}", doc),
                                                     apply_template("{{' '+text.split(' ')[-1]}}", doc))
     docs = data.load_wikitext_documents(source="bundled").records
-    items = ev._wikitext_results(docs, __import__("pandas").DataFrame(
+    items = ev.tasks._wikitext_results(docs, __import__("pandas").DataFrame(
         {"item": range(len(docs)), "logprob": -1.0, "n_tokens": 1}))[0]
     for doc, (_, row) in zip(docs, items.iterrows()):
         assert data.wikitext_detokenize(doc["page"]) == wikitext_detokenizer(doc)

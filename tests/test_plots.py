@@ -134,3 +134,94 @@ def test_pareto_plot_draws_the_frontier_through_frontier_points():
         front = frame.iloc[plots.pareto_front(frame[["mean_experts", "perplexity"]].to_numpy())]
         assert list(line.get_xdata()) == front["mean_experts"].tolist()
         assert ax.get_title() == f"dataset: {dataset}"
+
+
+# --------------------------------------------------------------------------- figure properties
+
+
+def _legends(fig):
+    return [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+
+
+def _overlaps_data(fig):
+    """(figure, axes) pairs whose legend box intersects the axes' data area, after a real layout."""
+    fig.draw_without_rendering()
+    bad = []
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        if legend is not None and legend.get_window_extent().overlaps(ax.get_window_extent()):
+            bad.append(ax)
+    return bad
+
+
+def test_no_legend_sits_over_the_data():
+    with_legend = 0
+    for name, fig in _figures().items():
+        assert not _overlaps_data(fig), f"{name}: a legend overlaps its axes"
+        with_legend += bool(_legends(fig))
+    assert with_legend >= 10  # the check ran on real legends, not on figures without any
+
+
+def test_experts_by_category_legend_is_outside_and_names_each_configuration():
+    prompts = pd.DataFrame({"label": np.repeat(["native top-8", "BH α=0.05"], 40),
+                            "category": np.tile(["code", "prose", "math", "chat"], 20),
+                            "experts": np.random.default_rng(1).uniform(1, 8, 80)})
+    fig = plots.plot_experts_by_category(prompts)
+    (legend,) = _legends(fig)
+    assert [t.get_text() for t in legend.get_texts()] == ["native top-8", "BH α=0.05"]
+    assert not _overlaps_data(fig)
+    assert legend.get_window_extent().x0 >= fig.axes[0].get_window_extent().x1  # beside, to the right
+
+
+def _saturation_runs(max_ks=(8.0, 64.0)):
+    rows = []
+    for max_k in max_ks:   # float knobs, as they come back from a JSON results file
+        for alpha, mean in ((0.01, 3.7), (0.05, 5.0), (0.2, 6.6)):
+            rows.append(dict(alpha=alpha, max_k=max_k, mean_experts=min(mean, max_k), ceiling_rate=0.1))
+    return pd.DataFrame(rows)
+
+
+def test_saturation_axis_is_scaled_from_the_data_not_to_max_k():
+    fig = plots.plot_saturation(_saturation_runs())
+    ax = fig.axes[0]
+    low, high = ax.get_ylim()
+    assert 6.6 < high < 10, high   # 3.7 vs 6.6 fill the axis; the max_k = 64 ceiling does not
+    assert low == 0.0
+    dashed = [l.get_ydata()[0] for l in ax.get_lines() if l.get_linestyle() == "--"]
+    assert dashed == [8.0]         # the in-range ceiling is drawn, the one above the axis only named
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["max_k = 8", "max_k = 64 (ceiling above the axis)"]
+
+
+def test_knob_labels_print_whole_numbers_as_ints():
+    assert [plots.knob(v) for v in (8.0, 8, np.int64(64), 0.05, 1.5, "zscore")] == ["8", "8", "64", "0.05", "1.5",
+                                                                                    "zscore"]
+    runs = _saturation_runs().assign(temperature=1.0)
+    figs = [plots.plot_saturation(runs), plots.plot_sensitivity(runs, "alpha", hue="max_k"),
+            plots.plot_alpha_maxk_heatmap(runs)]
+    for fig in figs:
+        for legend in _legends(fig):
+            for text in legend.get_texts():
+                assert ".0" not in text.get_text(), text.get_text()
+
+
+def test_wide_bar_charts_are_capped_and_name_their_colours():
+    rng = np.random.default_rng(2)
+    runs = pd.DataFrame({"label": [f"run {i}" for i in range(200)],
+                         "strategy": np.resize(["topk", "bh", "top_p"], 200),
+                         "mean_experts": rng.uniform(1, 8, 200)})
+    fig = plots.plot_experts_by_config(runs)
+    assert fig.get_figwidth() <= plots.MAX_WIDTH
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == ["native k = 8", "topk", "bh", "top_p"]
+    assert not _overlaps_data(fig)
+
+
+def test_pareto_quality_axis_is_log_only_when_values_span_decades():
+    runs = _runs()
+    wiki = runs[runs.dataset == "wikitext"].copy()
+    assert plots.plot_pareto(wiki, dataset=None).axes[0].get_yscale() == "linear"
+    wiki.loc[wiki.index[:2], "perplexity"] = [60_000.0, 45_000.0]   # a few collapsed configurations
+    assert plots.plot_pareto(wiki, dataset=None).axes[0].get_yscale() == "log"
+    assert plots.plot_pareto(wiki, dataset=None, logy=False).axes[0].get_yscale() == "linear"
+    assert plots.spans_decades([1, 5, 9]) is False and plots.spans_decades([0, 100]) is False
