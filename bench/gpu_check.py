@@ -36,7 +36,7 @@ import bench_selection  # noqa: E402
 from bench_moe_layer import OLMOE_1B_7B, build_model, machine_info, timed, tune_top_p  # noqa: E402
 from bh_routing import evaluation as ev  # noqa: E402
 from bh_routing.models import TINY_MODEL_DIR, memory_plan  # noqa: E402
-from bh_routing.notebook_support import T4_FREE_BYTES  # noqa: E402
+from bh_routing.cost import T4_FREE_BYTES  # noqa: E402
 from bh_routing.patching import RoutingPatch, find_moe_blocks  # noqa: E402
 
 FULL = dict(hidden=OLMOE_1B_7B["hidden_size"], intermediate=OLMOE_1B_7B["intermediate_size"],
@@ -166,11 +166,11 @@ def section_evaluator(model, device, n: int, max_batch_tokens: int | None = None
 
 def section_t4(model, device, n: int) -> dict:
     """Run the notebooks' batch plan for a T4 under a T4-sized memory cap (float16 model)."""
-    from bh_routing.notebook_support import t4_memory_plan
+    from bh_routing.cost import t4_memory_plan
     plan = t4_memory_plan()  # what the notebooks plan on a T4 (full logits)
     batch = max(1, min(64, plan.max_batch(512)))  # Session.batch_size(512) on CUDA
     evaluator_plan = memory_plan(model.config, T4_FREE_BYTES, torch.float16, logits="last")
-    evaluator_tokens = int((evaluator_plan.token_budget_bytes - ev._LOGIT_CHUNK_BYTES) // evaluator_plan.bytes_per_token)
+    evaluator_tokens = int((evaluator_plan.token_budget_bytes - ev.engine._LOGIT_CHUNK_BYTES) // evaluator_plan.bytes_per_token)
     ids = torch.randint(3, min(model.config.vocab_size, 4096), (batch, 512)).to(device)
     peaks = {}
     try:
