@@ -118,6 +118,7 @@ from bh_routing import analysis, experiments as ex, plots, report
 from bh_routing import session as sessions, native_routing as native, bh_diagnostics as bhd
 from bh_routing import routing_plots as rplots, notebook_support as nbs
 from bh_routing.data import prompt_set
+from bh_routing.validity import calibration_quality
 
 session = sessions.start_session("02", model=MODEL, budget=BUDGET, out=OUT, seed=SEED, drive=DRIVE)
 FOLDER = session.folder
