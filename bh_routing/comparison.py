@@ -77,3 +77,12 @@ def matched_table(runs: pd.DataFrame, metric: str = "word_perplexity", task: str
     frame["family"] = frame.apply(_family, axis=1)
     return (frame[["target_k", "family", "label", "mean_experts", metric]]
             .sort_values(["target_k", "family"]).reset_index(drop=True))
+
+
+def matched_knobs(runs) -> pd.DataFrame:
+    """Per matched-compute run: the target mean k, what its knob achieved on calibration text, and
+    the knob's value (runs of :func:`bh_routing.experiments.matched_compute`)."""
+    return pd.DataFrame([{"label": r.label, "target k̄": r.routing["calibrated"]["target_k"],
+                          "achieved on calibration": r.routing["calibrated"]["achieved_k"],
+                          r.routing["calibrated"]["knob"]: r.routing[r.routing["calibrated"]["knob"]]}
+                         for r in runs if "calibrated" in r.routing])

@@ -111,3 +111,37 @@ def measured_rate(records: Sequence[Mapping], estimate: pd.DataFrame) -> float |
     over the seconds its records took (None if none finished)."""
     seconds = sum(r["seconds"] for r in records if r.get("status") == "ok" and r.get("seconds"))
     return float(estimate["tokens"].sum() / seconds) if seconds else None
+
+
+def plan_sweep(runs: Sequence["ex.Run"], matched_probe: Sequence["ex.Run"], tokenizer, matched="auto",
+               on_t4: bool = False, max_matched_share: float = 0.35) -> tuple[pd.DataFrame, bool, str]:
+    """(per-task token/time estimate, whether matched compute runs, the plan in words) for ``runs``
+    plus the matched-compute stand-ins ``matched_probe``. ``matched="auto"`` turns matched compute
+    on when it adds at most ``max_matched_share`` of the main sweep's tokens."""
+    if matched not in ("auto", True, False):
+        raise ValueError(f"MATCHED must be True, False or 'auto', got {matched!r}")
+    main = estimate_sweep(runs, tokenizer, default_max_length=4096)
+    extra = estimate_sweep(matched_probe, tokenizer, default_max_length=4096)
+    share = extra["tokens"].sum() / main["tokens"].sum()
+    use_matched = share <= max_matched_share if matched == "auto" else matched
+    total = main["tokens"].sum() + (extra["tokens"].sum() if use_matched else 0)
+    plan = pd.concat([main.assign(part="main sweep"), extra.assign(part="matched compute")], ignore_index=True)
+    where = "" if on_t4 else " on a T4 (this machine differs; a measured estimate follows the first runs)"
+    text = (f"{len(runs)} runs" + (f" + {len(matched_probe)} matched-compute runs" if use_matched else "")
+            + f": **{total / 1e6:.2f} M tokens**. At the assumed T4 rate of {T4_TOKENS_PER_S:,.0f} tokens/s "
+            f"that is **{format_duration(total / T4_TOKENS_PER_S)}**{where}. Matched compute adds "
+            f"{share:.0%} → {'on' if use_matched else 'off'} (MATCHED = {matched!r}).")
+    return plan, use_matched, text
+
+
+def describe_remaining(timed: Sequence[Mapping], mix: Sequence["ex.Run"], runs: Sequence["ex.Run"],
+                       tokenizer) -> str:
+    """The time the rest of ``runs`` will take at the rate measured on the ``timed`` records of
+    ``mix`` (empty when no rate could be measured)."""
+    measured = measured_rate(timed, estimate_sweep(mix, tokenizer, default_max_length=4096))
+    if not measured:
+        return ""
+    rest = estimate_sweep([r for r in runs if r not in mix], tokenizer, tokens_per_s=measured,
+                          default_max_length=4096)
+    return (f"measured {measured:,.0f} tokens/s over a mix of {len(mix)} runs -> about "
+            f"{format_duration(rest['seconds'].sum())} for the remaining runs (finished runs are skipped)")

@@ -181,42 +181,79 @@ def _adaptive_settings() -> list[tuple[str, dict]]:
             + [("entropy 1-8", {"strategy": "entropy"})])
 
 
-def full_experiments(budget: Budget, tasks: Sequence[str] = ("wikitext", "hellaswag", "lambada")) -> list[Run]:
+# The grids a notebook's parameters cell exposes; the presets are these defaults, so their run ids
+# stay what they were.
+FULL_KS = (2, 4, 6, 8)  # top-k, its normalised/uniform variants and BH's max_k side by side
+FULL_STRATEGIES = ("top-k", "normalized", "uniform", "adaptive", "bh max_k", "bh alpha", "other adaptive")
+FULL_MAX_KS = (16, 32, 64)  # BH α=0.05 beyond the native 8
+FULL_ALPHAS = (0.01, 0.10)  # BH max_k=8 beside the α=0.05 of the matched-k group
+DEEP_DIVE_PVALUES = ("softmax", "pooled", "empirical", "zscore")
+DEEP_DIVE_ALPHAS = (0.01, 0.02, 0.05, 0.10, 0.15, 0.20, 0.30, 0.50)
+SOFTMAX_TEMPERATURES = (0.05, 0.1, 0.2, 0.5, 1.0)  # deep dive: T of the softmax p-values
+WEIGHTS_TEMPERATURES = (0.5, 0.75, 1.0, 1.5, 2.0)  # deep dive: T of the mixing weights
+GRID_ALPHAS = (0.01, 0.05, 0.10)  # deep dive: the α x max_k grid
+GRID_MAX_KS = (8, 16, 32, 64)
+
+
+def _check_grid(name: str, values: Sequence, allowed: Sequence | None = None) -> None:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise ValueError(f"{name} must be a list or tuple of values, got {values!r}")
+    unknown = [v for v in values if allowed is not None and v not in allowed]
+    if unknown:
+        raise ValueError(f"{name}: unknown {unknown}; choose from {list(allowed)}")
+
+
+def full_experiments(budget: Budget, tasks: Sequence[str] = ("wikitext", "hellaswag", "lambada"),
+                     ks: Sequence[int] = FULL_KS, max_ks: Sequence[int] = FULL_MAX_KS,
+                     alphas: Sequence[float] = FULL_ALPHAS,
+                     strategies: Sequence[str] = FULL_STRATEGIES) -> list[Run]:
+    """The strategy matrix on ``tasks``: each group of ``strategies`` (FULL_STRATEGIES) at its grid."""
+    for name, values in (("tasks", tasks), ("ks", ks), ("max_ks", max_ks), ("alphas", alphas)):
+        _check_grid(name, values)
+    _check_grid("strategies", strategies, FULL_STRATEGIES)
     configs: list[tuple[str, str, dict]] = []
-    for k in (2, 4, 6, 8):
+    for k in ks:
         configs += [("top-k", f"top-{k}", {"strategy": "topk", "k": k}),
                     ("normalized", f"normalized top-{k}", {"strategy": "topk_renorm", "k": k}),
                     ("uniform", f"uniform top-{k}", {"strategy": "topk_uniform", "k": k}),
                     ("adaptive", f"BH α=0.05 max_k={k}", {"strategy": "bh", "alpha": 0.05, "max_k": k})]
-    configs += [("bh max_k", f"BH α=0.05 max_k={m}", {"strategy": "bh", "alpha": 0.05, "max_k": m}) for m in (16, 32, 64)]
-    configs += [("bh alpha", f"BH α={a} max_k=8", {"strategy": "bh", "alpha": a, "max_k": 8}) for a in (0.01, 0.10)]
+    configs += [("bh max_k", f"BH α=0.05 max_k={m}", {"strategy": "bh", "alpha": 0.05, "max_k": m})
+                for m in max_ks]
+    configs += [("bh alpha", f"BH α={a} max_k=8", {"strategy": "bh", "alpha": a, "max_k": 8}) for a in alphas]
     configs += [("other adaptive", label, cfg) for label, cfg in _adaptive_settings()]
     return [Run(label, cfg, task, budget.n_for(task), max_length=budget.max_length, group=group)
-            for task in tasks for group, label, cfg in configs]
+            for task in tasks for group, label, cfg in configs if group in strategies]
 
 
-SOFTMAX_TEMPERATURES = (0.05, 0.1, 0.2, 0.5, 1.0)  # deep dive: T of the softmax p-values
-WEIGHTS_TEMPERATURES = (0.5, 0.75, 1.0, 1.5, 2.0)  # deep dive: T of the mixing weights
+def bh_deep_dive(budget: Budget, task: str = "wikitext", alphas: Sequence[float] = DEEP_DIVE_ALPHAS,
+                 pvalues: Sequence[str] = DEEP_DIVE_PVALUES,
+                 temperatures: Sequence[float] = SOFTMAX_TEMPERATURES,
+                 weights_temperatures: Sequence[float] = WEIGHTS_TEMPERATURES,
+                 grid_alphas: Sequence[float] = GRID_ALPHAS, max_ks: Sequence[int] = GRID_MAX_KS,
+                 topk_ks: Sequence[int] = ()) -> list[Run]:
+    """Native top-8; BH per p-value model over ``alphas``; softmax p-values over ``temperatures``
+    (calibrated p-values are temperature-invariant and refuse T != 1); the mixing weights over
+    ``weights_temperatures`` at a fixed selection; the ``grid_alphas`` x ``max_ks`` grid; top-k at
+    ``topk_ks``."""
+    for name, values in (("alphas", alphas), ("temperatures", temperatures), ("grid_alphas", grid_alphas),
+                         ("weights_temperatures", weights_temperatures), ("max_ks", max_ks),
+                         ("topk_ks", topk_ks)):
+        _check_grid(name, values)
+    _check_grid("pvalues", pvalues, DEEP_DIVE_PVALUES)
 
+    def run(label, config, group):
+        return Run(label, config, task, budget.n_for(task), max_length=budget.max_length, group=group)
 
-def bh_deep_dive(budget: Budget, task: str = "wikitext") -> list[Run]:
-    runs = [Run("native top-8", {"strategy": "topk", "k": 8}, task, budget.n_for(task), max_length=budget.max_length,
-                group="baseline")]
-    for model in ("softmax", "pooled", "empirical", "zscore"):
-        runs += [Run(f"BH {model} α={a}", {"strategy": "bh", "pvalues": model, "alpha": a}, task, budget.n_for(task),
-                     max_length=budget.max_length, group=f"alpha/{model}")
-                 for a in (0.01, 0.02, 0.05, 0.10, 0.15, 0.20, 0.30, 0.50)]
-    # Temperature where it means something: softmax p-values (calibrated ones are temperature-invariant
-    # and refuse T != 1), and the mixing weights at a fixed selection.
-    runs += [Run(f"BH softmax α=0.05 T={t}", {"strategy": "bh", "pvalues": "softmax", "alpha": 0.05, "temperature": t},
-                 task, budget.n_for(task), max_length=budget.max_length, group="temperature/softmax")
-             for t in SOFTMAX_TEMPERATURES]
-    runs += [Run(f"BH empirical α=0.05 weights T={t}", {"strategy": "bh", "alpha": 0.05, "weights_temperature": t},
-                 task, budget.n_for(task), max_length=budget.max_length, group="weights temperature")
-             for t in WEIGHTS_TEMPERATURES]
-    runs += [Run(f"BH empirical α={a} max_k={m}", {"strategy": "bh", "alpha": a, "max_k": m}, task, budget.n_for(task),
-                 max_length=budget.max_length, group="alpha x max_k")
-             for m in (8, 16, 32, 64) for a in (0.01, 0.05, 0.10)]
+    runs = [run("native top-8", {"strategy": "topk", "k": 8}, "baseline")]
+    runs += [run(f"BH {model} α={a}", {"strategy": "bh", "pvalues": model, "alpha": a}, f"alpha/{model}")
+             for model in pvalues for a in alphas]
+    runs += [run(f"BH softmax α=0.05 T={t}", {"strategy": "bh", "pvalues": "softmax", "alpha": 0.05,
+                                               "temperature": t}, "temperature/softmax") for t in temperatures]
+    runs += [run(f"BH empirical α=0.05 weights T={t}", {"strategy": "bh", "alpha": 0.05, "weights_temperature": t},
+                 "weights temperature") for t in weights_temperatures]
+    runs += [run(f"BH empirical α={a} max_k={m}", {"strategy": "bh", "alpha": a, "max_k": m}, "alpha x max_k")
+             for m in max_ks for a in grid_alphas]
+    runs += [run(f"top-{k}", {"strategy": "topk", "k": k}, "top-k by k") for k in topk_ks]
     return runs
 
 

@@ -379,3 +379,98 @@ def describe_baseline(stats: pd.DataFrame, conc: pd.DataFrame, spec: pd.DataFram
                      f"{spec['mi_shuffled_bits'].mean():.3f}); strongest in layer {int(best['layer'])} "
                      f"({best['mi_bits']:.3f} bits, {best['mi_norm']:.1%} of the source entropy).")
     return lines
+
+
+# =========================================================================== readings (Markdown)
+
+
+def describe_sample(sample: RoutingSample) -> str:
+    counts = ", ".join(f"{name} ({(sample.source == name).sum():,})" for name in sample.sources)
+    return (f"Recorded **{sample.num_tokens:,} tokens** × {sample.num_layers} MoE layers × "
+            f"{sample.num_experts} experts (native top-{sample.top_k}) from {len(sample.sources)} sources: "
+            f"{counts}.")
+
+
+def describe_logits(sample: RoutingSample, stats: pd.DataFrame) -> str:
+    """Spread of the router logits, the top-1's lead over the median logit, and the top-1
+    probability against a uniform router."""
+    gap = [float((l.max(dim=1).values - l.median(dim=1).values).mean()) for l in sample.logits]
+    std, top1 = stats["logit_std"], stats["max_weight_median"]
+    return (f"Router logits have a standard deviation of {std.min():.2f}–{std.max():.2f} per layer; a token's "
+            f"top-1 logit lies on average {min(gap):.2f}–{max(gap):.2f} above its median logit. After the "
+            f"softmax the top-1 probability has a median of {top1.min():.3f}–{top1.max():.3f} per layer, "
+            f"against {1 / sample.num_experts:.3f} for a uniform router.")
+
+
+def describe_usage(usage: np.ndarray, num_tokens: int) -> str:
+    """``usage``: [layers, experts] tokens routed (:func:`expert_usage`)."""
+    relative = usage / usage.mean(axis=1, keepdims=True)
+    layer, expert = np.unravel_index(relative.argmax(), relative.shape)
+    return (f"The busiest (layer, expert) is layer {layer}, expert {expert}, at {relative.max():.1f}× its "
+            f"layer's mean load; {int((usage == 0).sum())} of {usage.size} (layer, expert) pairs were never "
+            f"chosen on these {num_tokens:,} tokens, and {int((relative < 0.25).sum())} get less than a "
+            "quarter of the mean load.")
+
+
+def describe_entropy(stats: pd.DataFrame) -> str:
+    entropy = stats["entropy_norm"]
+    return (f"Mean normalised entropy per layer: {', '.join(f'{e:.2f}' for e in entropy)} (layers "
+            f"0–{len(stats) - 1}). The flattest layer is {int(stats.loc[entropy.idxmax(), 'layer'])}, "
+            f"the most decisive {int(stats.loc[entropy.idxmin(), 'layer'])}.")
+
+
+def describe_mass_left_out(stats: pd.DataFrame, top_k: int) -> str:
+    worst = stats.loc[stats["mass_left_out"].idxmax()]
+    return (f"The top-{top_k} leave out {stats['mass_left_out'].mean():.1%} of the routing probability on "
+            f"average (layer {int(worst['layer'])}: {worst['mass_left_out']:.1%}). Because OLMoE does not "
+            f"renormalise, the mixing weights of a token sum to its top-{top_k} mass, "
+            f"{stats['topk_mass'].mean():.2f} on average, not 1.")
+
+
+def describe_pairs(pairs: pd.DataFrame, layer: int) -> str:
+    """The strongest pair of :func:`coactivation_pairs` (empty when there is none)."""
+    if pairs.empty:
+        return ""
+    top = pairs.iloc[0]
+    return (f"Strongest pair in layer {layer}: experts {int(top['expert_i'])} and {int(top['expert_j'])}, "
+            f"chosen together for {int(top['together'])} tokens, {top['lift']:.1f}× what independent "
+            "choices would give.")
+
+
+def describe_specialisation(spec: pd.DataFrame, specific: pd.DataFrame) -> str:
+    """``spec``: :func:`domain_specialisation`; ``specific``: :func:`specialised_experts`."""
+    best_layer = int(spec.loc[spec["mi_bits"].idxmax(), "layer"])
+    text = (f"I(source; expert) ranges {spec['mi_bits'].min():.3f}–{spec['mi_bits'].max():.3f} bits over "
+            f"layers (chance level {spec['mi_shuffled_bits'].mean():.3f}); the most specialised layer is "
+            f"{best_layer}.")
+    if len(specific):
+        top = specific.iloc[0]
+        text += (f" The most specific expert: layer {int(top['layer'])}, expert {int(top['expert'])}, which "
+                 f"{top['source']} uses {top['lift']:.1f}× as often as text overall.")
+    return text
+
+
+def token_views(sample: RoutingSample, tokenizer, sources: Sequence[str]) -> pd.DataFrame:
+    """:func:`token_view` of the first text of each of ``sources`` that was recorded, with a
+    ``source`` column."""
+    views = [token_view(sample, tokenizer, int(sample.text[sample.source == name][0])).assign(source=name)
+             for name in sources if name in sample.sources]
+    return pd.concat(views, ignore_index=True) if views else pd.DataFrame(columns=["source"])
+
+
+def describe_token_views(views: pd.DataFrame) -> str:
+    """The tokens the router is most and least decided on, by top-1 probability averaged over layers."""
+    if views.empty:
+        return ""
+    per_token = views.groupby(["source", "position", "token"], sort=False)["top1_prob"].mean().reset_index()
+    sure, unsure = per_token.loc[per_token["top1_prob"].idxmax()], per_token.loc[per_token["top1_prob"].idxmin()]
+    return (f"Across layers the router is most decided on {sure['token']!r} ({sure['source']}, mean top-1 "
+            f"probability {sure['top1_prob']:.3f}) and least on {unsure['token']!r} ({unsure['source']}, "
+            f"{unsure['top1_prob']:.3f}).")
+
+
+def describe_domains(token_perplexity: float, domains: pd.DataFrame, top_k: int) -> str:
+    """``domains``: :func:`bh_routing.report.per_domain` of the native evaluation."""
+    per = ", ".join(f"{r.domain} {r.token_perplexity:.4g}" for r in domains.itertuples())
+    return (f"Native top-{top_k}: token perplexity {token_perplexity:.4g} over "
+            f"{int(domains['tokens'].sum()):,} held-out tokens; by domain {per}.")

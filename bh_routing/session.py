@@ -192,6 +192,37 @@ class Session:
         self.figures = [f for f in self.figures if f[0] != path.name] + [(path.name, caption)]
         return path
 
+    def load_model(self):
+        """(model, tokenizer) of this session, loaded with its dtype (the memory plan is printed), and
+        a line saying what the model is: every number of the notebook is about it."""
+        from .models import describe_model, load_model
+        model, tokenizer = load_model(self.model_id, dtype=self.dtype)
+        config = model.config
+        parameters = sum(p.numel() for p in model.parameters()) / 1e6
+        print(f"{type(model).__name__}: {config.num_hidden_layers} layers, {config.num_experts} experts, "
+              f"top-{config.num_experts_per_tok}, {parameters:,.1f} M parameters")
+        _markdown(f"**Model:** {describe_model(self.model_id)}. Every number below is about this model.")
+        return model, tokenizer
+
+    def finish(self, summary_name: str, summary: dict, title: str | None = None,
+               blocks: list[str] = (), report_name: str = "RESULTS.md") -> Path:
+        """Write ``summary`` (with the session and its seconds) as JSON, a Markdown report of
+        ``blocks`` and the registered figures when ``title`` is given, and zip the folder; returns
+        the zip."""
+        from .notebook_support import write_json, write_report, zip_folder
+        write_json(self.folder / summary_name,
+                   {"session": self.describe(), **summary, "seconds": round(self.elapsed, 1)})
+        if title is not None:
+            write_report(self.folder / report_name, title, self, list(blocks))
+        archive = zip_folder(self.folder)
+        print(f"{len(self.figures)} figures -> {archive}; notebook {self.notebook} took {self.elapsed:.0f} s")
+        return archive
+
+
+def _markdown(text: str) -> None:
+    from .notebook_support import display_markdown
+    display_markdown(text)
+
 
 def start_session(notebook: str, model: str = "auto", budget: str = "auto", out: str | os.PathLike = "auto",
                   seed: int = 0, drive: bool = False) -> Session:
@@ -272,6 +303,18 @@ def calibration_summary(calibration) -> pd.DataFrame:
         frame[f"reaches α/N at α={alpha}"] = frame["smallest_p"] <= alpha / n
     return frame
 
+
+def describe_calibration(calibration, table: pd.DataFrame) -> str:
+    """The calibration's resolution in words: null sizes, the smallest empirical p-value, and the
+    α for which it is below α/N in every layer (``table``: :func:`calibration_summary`)."""
+    reach = [a for a in (0.01, 0.05, 0.10) if table[f"reaches α/N at α={a}"].all()]
+    n = calibration.num_experts
+    return (f"Calibrated on {calibration.metadata['tokens']:,} tokens; each expert's null holds "
+            f"{int(table['null_min'].min()):,}–{int(table['null_max'].max()):,} logits, so the smallest "
+            f"empirical p-value is {table['smallest_p'].max():.2e} or less. "
+            + (f"That is below α/{n} for α ∈ {{{', '.join(map(str, reach))}}} in every layer." if reach
+               else f"That is above α/{n} at α = 0.10 in some layer: calibrate on more tokens (a larger "
+                    "budget) for small α."))
 
 
 def progress_bar(iterable, enabled: bool, desc: str, unit: str = "it", total: int | None = None):

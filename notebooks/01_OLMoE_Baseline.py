@@ -46,12 +46,12 @@
 
 # %% tags=["parameters"]
 # Parameters: edit, then Runtime -> Run all. Papermill injects its values in a cell after this one.
-MODEL = "auto"   # "auto": OLMoE-1B-7B on a GPU, the bundled tiny OLMoE on CPU; "tiny", a hub id, a folder
+MODEL = "auto"   # "auto": OLMoE-1B-7B on a GPU, the tiny bundled OLMoE on CPU; "tiny", hub id, folder
 BUDGET = "auto"  # "auto": "colab" on a GPU, "demo" on CPU; or "smoke" (seconds), "demo", "colab", "full"
-OUT = "auto"     # results root shared by 01-03; "auto": Drive (DRIVE), /content (Colab), results/notebooks
-DRIVE = False    # Colab: keep results *and* the Hugging Face model cache on Google Drive (survive reconnects)
+OUT = "auto"     # results root of 01-03; "auto": Drive (DRIVE), /content (Colab), results/notebooks
+DRIVE = False    # Colab: results *and* the Hugging Face cache on Google Drive (survive reconnects)
 SEED = 0
-REPO_URL = "https://github.com/bh-routing/bh_routing"  # the install cell's source when nothing is uploaded
+REPO_URL = "https://github.com/bh-routing/bh_routing"  # the install source when nothing is uploaded
 
 # %% [markdown]
 # ## Setup
@@ -73,49 +73,44 @@ REPO_URL = "https://github.com/bh-routing/bh_routing"  # the install cell's sour
 # %%
 # Install: an uploaded wheel/zip (/content or, with DRIVE, MyDrive) first, then REPO_URL
 import glob, importlib, importlib.util, os, subprocess, sys
-if importlib.util.find_spec("bh_routing") is None:  # pip keeps the runtime's torch (it meets torch>=2.1)
+if importlib.util.find_spec("bh_routing") is None:  # pip keeps the runtime's torch (torch>=2.1)
     if DRIVE and "google.colab" in sys.modules:
         from google.colab import drive
         drive.mount("/content/drive")
     uploads = [path for folder in (".", "/content/drive/MyDrive") for ext in ("whl", "zip")
                for path in sorted(glob.glob(f"{folder}/bh_routing*.{ext}"))]
     for source in uploads[:1] + [f"git+{REPO_URL}"]:
-        pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", source], capture_output=True,
-                             text=True, env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})  # never ask
+        pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", source],
+                             capture_output=True, text=True,
+                             env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})  # never ask
         print(f"pip install {source}: " + ("done" if pip.returncode == 0 else pip.stderr[-400:]))
         if pip.returncode == 0:
             break
     else:
         raise RuntimeError(
-            f"bh_routing is not installed and could not be installed from {REPO_URL}. Either set REPO_URL "
-            "in the parameters cell to a repository that holds it, or upload bh_routing-<version>.whl "
-            "(`pip wheel --no-deps .` in a checkout) or a zip of the repository (bh_routing*.zip) to the "
-            "Files pane or to MyDrive (then set DRIVE = True), and run this cell again.")
+            f"bh_routing is not installed and could not be installed from {REPO_URL}. Either "
+            "set REPO_URL in the parameters cell to a repository that holds it, or upload "
+            "bh_routing-<version>.whl (`pip wheel --no-deps .` in a checkout) or a zip of the "
+            "repository (bh_routing*.zip) to the Files pane or to MyDrive (then set "
+            "DRIVE = True), and run this cell again.")
     importlib.invalidate_caches()
 
 # %%
 from bh_routing import runtime
 runtime.use_drive(DRIVE)  # before transformers is imported: HF_HOME on Drive
-
 import numpy as np
 import pandas as pd
-import torch
 from IPython.display import display
-
-from bh_routing import analysis, plots
+from bh_routing import analysis, evaluation as ev, plots, report
 from bh_routing import session as sessions, native_routing as native, routing_plots as rplots
-from bh_routing import notebook_support as nbs
-from bh_routing.models import describe_model, load_model
+from bh_routing.notebook_support import display_markdown, markdown_table, offer_download
 
 session = sessions.start_session("01", model=MODEL, budget=BUDGET, out=OUT, seed=SEED, drive=DRIVE)
 FOLDER = session.folder
 display(session)
 
 # %%
-model, tokenizer = load_model(session.model_id, dtype=session.dtype)  # prints the memory plan it checked
-print(f"{type(model).__name__}: {model.config.num_hidden_layers} layers, {model.config.num_experts} experts, "
-      f"top-{model.config.num_experts_per_tok}, {sum(p.numel() for p in model.parameters()) / 1e6:,.1f} M parameters")
-nbs.display_markdown(f"**Model:** {describe_model(session.model_id)}. Every number below is about this model.")
+model, tokenizer = session.load_model()  # prints the memory plan it checked
 
 # %% [markdown]
 # ## 1 · Recording the native routing
@@ -128,13 +123,11 @@ nbs.display_markdown(f"**Model:** {describe_model(session.model_id)}. Every numb
 
 # %%
 texts = native.text_sources(session.sample_tokens)
-sample = native.record_native_routing(model, tokenizer, texts, max_length=512, max_tokens_per_source=session.sample_tokens,
-                                   batch_size=session.batch_size(512))
+sample = native.record_native_routing(model, tokenizer, texts, max_length=512,
+                                      max_tokens_per_source=session.sample_tokens,
+                                      batch_size=session.batch_size(512))
 stats = native.routing_statistics(sample)
-nbs.display_markdown(
-    f"Recorded **{sample.num_tokens:,} tokens** × {sample.num_layers} MoE layers × {sample.num_experts} experts "
-    f"(native top-{sample.top_k}) from {len(sample.sources)} sources: "
-    + ", ".join(f"{name} ({(sample.source == name).sum():,})" for name in sample.sources) + ".")
+display_markdown(native.describe_sample(sample))
 
 # %% [markdown]
 # ## 2 · Router-logit distributions per layer
@@ -142,14 +135,7 @@ nbs.display_markdown(
 # %%
 session.figure(rplots.plot_logit_distributions(sample, session.subtitle), "router_logits",
                "Router logits (all experts vs the top-1) and the top-1 probability per layer.")
-
-# %%
-gap = [float((l.max(dim=1).values - l.median(dim=1).values).mean()) for l in sample.logits]
-nbs.display_markdown(
-    f"Router logits have a standard deviation of {stats['logit_std'].min():.2f}–{stats['logit_std'].max():.2f} per layer; "
-    f"a token's top-1 logit lies on average {min(gap):.2f}–{max(gap):.2f} above its median logit. After the softmax "
-    f"the top-1 probability has a median of {stats['max_weight_median'].min():.3f}–{stats['max_weight_median'].max():.3f} "
-    f"per layer, against {1 / sample.num_experts:.3f} for a uniform router.")
+display_markdown(native.describe_logits(sample, stats))
 
 # %% [markdown]
 # ## 3 · Per-layer statistics
@@ -161,9 +147,10 @@ nbs.display_markdown(
 # `dead_experts`: load balance over the 64 experts.
 
 # %%
-columns = ["layer", "max_weight_mean", "max_weight_median", "entropy_nats", "entropy_norm", "topk_mass", "mass_left_out",
-           "top_expert", "top_expert_usage", "top1_expert", "top1_share", "load_cv", "load_gini", "dead_experts"]
-nbs.display_markdown(nbs.markdown_table(stats, columns, digits=3))
+columns = ["layer", "max_weight_mean", "max_weight_median", "entropy_nats", "entropy_norm", "topk_mass",
+           "mass_left_out", "top_expert", "top_expert_usage", "top1_expert", "top1_share", "load_cv",
+           "load_gini", "dead_experts"]
+display_markdown(markdown_table(stats, columns, digits=3))
 stats.to_csv(FOLDER / "baseline_routing_stats.csv", index=False)
 
 # %% [markdown]
@@ -173,23 +160,16 @@ stats.to_csv(FOLDER / "baseline_routing_stats.csv", index=False)
 usage = native.expert_usage(sample)  # [layers, experts] tokens routed (native top-8)
 session.figure(plots.plot_expert_utilization(usage, subtitle=session.subtitle), "expert_usage_heatmap",
                "Expert usage per layer, relative to the layer's mean load (1 = uniform, 0 = never chosen).")
-relative = usage / usage.mean(axis=1, keepdims=True)
-hot = np.unravel_index(relative.argmax(), relative.shape)
-nbs.display_markdown(
-    f"The busiest (layer, expert) is layer {hot[0]}, expert {hot[1]}, at {relative.max():.1f}× its layer's mean load; "
-    f"{int((usage == 0).sum())} of {usage.size} (layer, expert) pairs were never chosen on these {sample.num_tokens:,} tokens, "
-    f"and {int((relative < 0.25).sum())} get less than a quarter of the mean load.")
+display_markdown(native.describe_usage(usage, sample.num_tokens))
 
 # %% [markdown]
 # ## 5 · Routing entropy across layers
 
 # %%
 session.figure(rplots.plot_entropy_across_layers(sample, session.subtitle), "entropy_across_layers",
-               "Normalised routing entropy per layer (median and bands over tokens) and the mean top-1 probability.")
-nbs.display_markdown(
-    f"Mean normalised entropy per layer: " + ", ".join(f"{e:.2f}" for e in stats["entropy_norm"]) +
-    f" (layers 0–{sample.num_layers - 1}). The flattest layer is {int(stats.loc[stats['entropy_norm'].idxmax(), 'layer'])}, "
-    f"the most decisive {int(stats.loc[stats['entropy_norm'].idxmin(), 'layer'])}.")
+               "Normalised routing entropy per layer (median and bands over tokens) and the mean top-1 "
+               "probability.")
+display_markdown(native.describe_entropy(stats))
 
 # %% [markdown]
 # ## 6 · Weight concentration: mass in the top-1/2/4/8
@@ -198,8 +178,9 @@ nbs.display_markdown(
 conc = native.concentration(sample, ks=(1, 2, 4, 8))
 session.figure(rplots.plot_concentration(conc, session.subtitle), "weight_concentration",
                "Share of the routing mass in the top-1/2/4/8 experts per layer (dotted: uniform router).")
-table = conc.pivot(index="layer", columns="k", values="mass").rename(columns=lambda k: f"top-{k} mass").reset_index()
-nbs.display_markdown(nbs.markdown_table(table, digits=3))
+table = conc.pivot(index="layer", columns="k", values="mass")
+table = table.rename(columns=lambda k: f"top-{k} mass").reset_index()
+display_markdown(markdown_table(table, digits=3))
 
 # %% [markdown]
 # ## 7 · Top-8 probability mass left out
@@ -207,11 +188,7 @@ nbs.display_markdown(nbs.markdown_table(table, digits=3))
 # %%
 session.figure(rplots.plot_mass_left_out(sample, session.subtitle), "mass_left_out",
                "Routing probability mass outside the native top-8, per layer.")
-worst = stats.loc[stats["mass_left_out"].idxmax()]
-nbs.display_markdown(
-    f"The top-{sample.top_k} leave out {stats['mass_left_out'].mean():.1%} of the routing probability on average "
-    f"(layer {int(worst['layer'])}: {worst['mass_left_out']:.1%}). Because OLMoE does not renormalise, the mixing "
-    f"weights of a token sum to its top-{sample.top_k} mass, {stats['topk_mass'].mean():.2f} on average, not 1.")
+display_markdown(native.describe_mass_left_out(stats, sample.top_k))
 
 # %% [markdown]
 # ## 8 · Co-activation within a layer
@@ -223,15 +200,12 @@ nbs.display_markdown(
 layer = sample.num_layers // 2
 jaccard = analysis.coactivation(sample.native_indices()[layer], sample.num_experts, normalize="jaccard")[0]
 np.fill_diagonal(jaccard, np.nan)
-session.figure(plots.plot_coactivation(jaccard, subtitle=session.subtitle, title=f"Expert co-activation (Jaccard), layer {layer}"), "coactivation",
+title = f"Expert co-activation (Jaccard), layer {layer}"
+session.figure(plots.plot_coactivation(jaccard, subtitle=session.subtitle, title=title), "coactivation",
                "Expert co-activation (Jaccard) in the middle layer.")
 pairs = native.coactivation_pairs(sample, layer, n=10)
 pairs.to_csv(FOLDER / "coactivation_pairs.csv", index=False)
-nbs.display_markdown(nbs.markdown_table(pairs, digits=3))
-if len(pairs):
-    top = pairs.iloc[0]
-    nbs.display_markdown(f"Strongest pair in layer {layer}: experts {int(top['expert_i'])} and {int(top['expert_j'])}, chosen "
-                         f"together for {int(top['together'])} tokens, {top['lift']:.1f}× what independent choices would give.")
+display_markdown(markdown_table(pairs, digits=3) + "\n" + native.describe_pairs(pairs, layer))
 
 # %% [markdown]
 # ## 9 · Expert usage per kind of text (specialisation)
@@ -246,17 +220,13 @@ MIN_SOURCE_TOKENS = min(256, session.sample_tokens // 2)  # the text corpora, no
 spec = native.domain_specialisation(sample, min_tokens=MIN_SOURCE_TOKENS, seed=session.seed)
 spec.to_csv(FOLDER / "domain_specialisation.csv", index=False)
 session.figure(rplots.plot_specialisation(spec, session.subtitle), "specialisation",
-               "Mutual information between text source and chosen expert per layer, with the shuffled-label chance level.")
-best_layer = int(spec.loc[spec["mi_bits"].idxmax(), "layer"])
-session.figure(rplots.plot_domain_usage(native.domain_usage(sample, best_layer, min_tokens=MIN_SOURCE_TOKENS), best_layer, session.subtitle), "domain_usage",
+               "Mutual information between text source and chosen expert per layer, with chance level.")
+best = int(spec.loc[spec["mi_bits"].idxmax(), "layer"])
+usage_by_source = native.domain_usage(sample, best, min_tokens=MIN_SOURCE_TOKENS)
+session.figure(rplots.plot_domain_usage(usage_by_source, best, session.subtitle), "domain_usage",
                "Per-source expert usage in the most specialised layer (log2 lift over all text).")
 specific = native.specialised_experts(sample, n=10, min_tokens=MIN_SOURCE_TOKENS)
-nbs.display_markdown(nbs.markdown_table(specific, digits=3))
-nbs.display_markdown(
-    f"I(source; expert) ranges {spec['mi_bits'].min():.3f}–{spec['mi_bits'].max():.3f} bits over layers "
-    f"(chance level {spec['mi_shuffled_bits'].mean():.3f}); the most specialised layer is {best_layer}. "
-    + (f"The most specific expert: layer {int(specific.iloc[0]['layer'])}, expert {int(specific.iloc[0]['expert'])}, which "
-       f"{specific.iloc[0]['source']} uses {specific.iloc[0]['lift']:.1f}× as often as text overall." if len(specific) else ""))
+display_markdown(markdown_table(specific, digits=3) + "\n" + native.describe_specialisation(spec, specific))
 
 # %% [markdown]
 # ## 10 · Token-level view of three prompts
@@ -264,24 +234,13 @@ nbs.display_markdown(
 # Per token and layer: the top-1 probability (colour) and the top-1 expert (number).
 
 # %%
-views = []
-for name in ("prompt: simple", "prompt: complex", "prompt: code"):
-    if name not in sample.sources:
-        continue
-    text = int(sample.text[sample.source == name][0])
-    view = native.token_view(sample, tokenizer, text)
-    views.append(view.assign(source=name))
-    slug = name.split(": ")[1]
-    session.figure(rplots.plot_token_view(view, subtitle=f"{session.subtitle} · {name}"), f"token_view_{slug}",
-                   "Token-level routing: top-1 probability and top-1 expert per token and layer.")
-token_views = pd.concat(views, ignore_index=True) if views else pd.DataFrame()
+token_views = native.token_views(sample, tokenizer, ("prompt: simple", "prompt: complex", "prompt: code"))
 token_views.to_csv(FOLDER / "token_view.csv", index=False)
-if views:
-    per_token = token_views.groupby(["source", "position", "token"], sort=False)["top1_prob"].mean().reset_index()
-    sure, unsure = per_token.loc[per_token["top1_prob"].idxmax()], per_token.loc[per_token["top1_prob"].idxmin()]
-    nbs.display_markdown(f"Across layers the router is most decided on {sure['token']!r} ({sure['source']}, mean top-1 "
-                         f"probability {sure['top1_prob']:.3f}) and least on {unsure['token']!r} ({unsure['source']}, "
-                         f"{unsure['top1_prob']:.3f}).")
+for name, view in token_views.groupby("source", sort=False):
+    session.figure(rplots.plot_token_view(view, subtitle=f"{session.subtitle} · {name}"),
+                   f"token_view_{name.split(': ')[1]}",
+                   "Token-level routing: top-1 probability and top-1 expert per token and layer.")
+display_markdown(native.describe_token_views(token_views))
 
 # %% [markdown]
 # ## 11 · Calibration for BH's p-values (used by notebooks 02 and 03)
@@ -296,14 +255,8 @@ if views:
 calibration, _, how = sessions.load_or_calibrate(session, model, tokenizer)
 print(how)
 calibration_table = sessions.calibration_summary(calibration)
-nbs.display_markdown(nbs.markdown_table(calibration_table, digits=3))
-reach = [a for a in (0.01, 0.05, 0.10) if calibration_table[f"reaches α/N at α={a}"].all()]
-nbs.display_markdown(
-    f"Calibrated on {calibration.metadata['tokens']:,} tokens; each expert's null holds "
-    f"{int(calibration_table['null_min'].min()):,}–{int(calibration_table['null_max'].max()):,} logits, so the smallest "
-    f"empirical p-value is {calibration_table['smallest_p'].max():.2e} or less. "
-    + (f"That is below α/64 for α ∈ {{{', '.join(map(str, reach))}}} in every layer." if reach
-       else "That is above α/64 at α = 0.10 in some layer: calibrate on more tokens (a larger budget) for small α."))
+display_markdown(markdown_table(calibration_table, digits=3))
+display_markdown(sessions.describe_calibration(calibration, calibration_table))
 
 # %% [markdown]
 # ## 12 · The model as a language model: held-out text of four domains
@@ -314,20 +267,20 @@ nbs.display_markdown(
 # model; for any other model it is plain text of four kinds.
 
 # %%
-from bh_routing import evaluation as ev, report
-domain_result = ev.evaluate(model, tokenizer, "domains", max_length=min(1024, ev.resolve_max_length(model, tokenizer)))
+max_length = min(1024, ev.resolve_max_length(model, tokenizer))
+domain_result = ev.evaluate(model, tokenizer, "domains", max_length=max_length)
 domain_table = report.per_domain(domain_result)
-nbs.display_markdown(nbs.markdown_table(domain_table, digits=4))
-nbs.display_markdown(f"Native top-{sample.top_k}: token perplexity {domain_result.metrics['token_perplexity']:.4g} over "
-                     f"{int(domain_table['tokens'].sum()):,} held-out tokens; by domain "
-                     + ", ".join(f"{r.domain} {r.token_perplexity:.4g}" for r in domain_table.itertuples()) + ".")
+display_markdown(markdown_table(domain_table, digits=4))
+perplexity = domain_result.metrics["token_perplexity"]
+display_markdown(native.describe_domains(perplexity, domain_table, sample.top_k))
 
 # %% [markdown]
 # ## 13 · Key observations (computed from this run)
 
 # %%
-observations = native.describe_baseline(stats, conc, spec, sample.num_experts, sample.top_k, model_id=session.model_id)
-nbs.display_markdown(observations)
+observations = native.describe_baseline(stats, conc, spec, sample.num_experts, sample.top_k,
+                                        model_id=session.model_id)
+display_markdown(observations)
 
 # %% [markdown]
 # ## Next steps
@@ -346,25 +299,18 @@ nbs.display_markdown(observations)
 
 # %%
 conc.to_csv(FOLDER / "weight_concentration.csv", index=False)
-pd.DataFrame(usage, columns=[f"expert_{e}" for e in range(sample.num_experts)]).rename_axis("layer").to_csv(FOLDER / "expert_usage.csv")
+pd.DataFrame(usage).add_prefix("expert_").rename_axis("layer").to_csv(FOLDER / "expert_usage.csv")
 calibration_table.to_csv(FOLDER / "calibration_summary.csv", index=False)
-summary = {"session": session.describe(), "tokens": sample.num_tokens,
-           "sources": {name: int((sample.source == name).sum()) for name in sample.sources},
-           "observations": observations, "per_layer": stats.to_dict("records"),
-           "specialisation": spec.to_dict("records"), "calibration": {"file": str(session.calibration_path), **calibration.metadata},
-           "seconds": round(session.elapsed, 1)}
-nbs.write_json(FOLDER / "baseline_summary.json", summary)
-nbs.write_report(FOLDER / "BASELINE_REPORT.md", "OLMoE baseline routing (notebook 01)", session, [
-    "## Key observations", "\n".join(f"- {line}" for line in observations),
-    "## Per-layer statistics", nbs.markdown_table(stats, columns, digits=3),
-    "## Weight concentration", nbs.markdown_table(table, digits=3),
-    f"## Co-activation, layer {layer}", nbs.markdown_table(pairs, digits=3),
-    "## Specialisation by text source", nbs.markdown_table(spec, digits=3), nbs.markdown_table(specific, digits=3),
-    "## Held-out domain text (token perplexity)", nbs.markdown_table(domain_table, digits=4),
-    "## Calibration", how, nbs.markdown_table(calibration_table, digits=3)])
-archive = nbs.zip_folder(FOLDER)
-print(f"{len(list(FOLDER.glob('*.png')))} figures, {len(list(FOLDER.glob('*.csv')))} CSV files -> {archive}")
-print(f"notebook 01 took {session.elapsed:.0f} s")
+summary = {"tokens": sample.num_tokens, "observations": observations, "per_layer": stats.to_dict("records"),
+           "specialisation": spec.to_dict("records"),
+           "calibration": {"file": str(session.calibration_path), **calibration.metadata}}
+blocks = ["## Key observations", "\n".join(f"- {line}" for line in observations)] + [
+    f"## {title}\n\n{markdown_table(frame, digits=4)}" for title, frame in [
+        ("Per-layer statistics", stats), ("Weight concentration", table), ("Co-activation", pairs),
+        ("Specialisation by text source", spec), ("Most specific experts", specific),
+        ("Held-out domain text", domain_table), ("Calibration: " + how, calibration_table)]]
+archive = session.finish("baseline_summary.json", summary, "OLMoE baseline routing (notebook 01)", blocks,
+                         report_name="BASELINE_REPORT.md")
 
 # %%
-print(nbs.offer_download(archive))  # a browser download on Colab; skipped elsewhere
+print(offer_download(archive))  # a browser download on Colab; skipped elsewhere

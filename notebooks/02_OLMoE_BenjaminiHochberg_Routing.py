@@ -48,15 +48,22 @@
 
 # %% tags=["parameters"]
 # Parameters: edit, then Runtime -> Run all. Papermill injects its values in a cell after this one.
-MODEL = "auto"   # "auto": OLMoE-1B-7B on a GPU, the bundled tiny OLMoE on CPU; "tiny", a hub id, a folder
+MODEL = "auto"   # "auto": OLMoE-1B-7B on a GPU, the tiny bundled OLMoE on CPU; "tiny", hub id, folder
 BUDGET = "auto"  # "auto": "colab" on a GPU, "demo" on CPU; or "smoke" (seconds), "demo", "colab", "full"
-OUT = "auto"     # results root shared by 01-03; "auto": Drive (DRIVE), /content (Colab), results/notebooks
-DRIVE = False    # Colab: keep results *and* the Hugging Face model cache on Google Drive (survive reconnects)
+OUT = "auto"     # results root of 01-03; "auto": Drive (DRIVE), /content (Colab), results/notebooks
+DRIVE = False    # Colab: results *and* the Hugging Face cache on Google Drive (survive reconnects)
 SEED = 0
-REPO_URL = "https://github.com/bh-routing/bh_routing"  # the install cell's source when nothing is uploaded
-ALPHA = 0.05          # BH level for the single-configuration sections
-PVALUES = "empirical"  # p-value model for them: "empirical" (default), "pooled", "zscore", "softmax"
-INTERACTIVE = "auto"  # sliders at the end: "auto" = only where a person is looking (never headless)
+REPO_URL = "https://github.com/bh-routing/bh_routing"  # the install source when nothing is uploaded
+INTERACTIVE = "auto"   # sliders at the end: "auto" = only where a person is looking (never headless)
+ALPHA = 0.05           # BH level of the single-configuration sections
+PVALUES = "empirical"  # their p-value model: "empirical", "pooled", "zscore", "softmax"
+PVALUE_MODELS = ("softmax", "pooled", "empirical", "zscore")  # compared over ALPHAS
+ALPHAS = (0.01, 0.02, 0.05, 0.10, 0.15, 0.20, 0.30, 0.50)     # α sensitivity (curve and sweep)
+TEMPERATURES = (0.05, 0.1, 0.2, 0.5, 1.0)  # softmax p-values only: calibrated ones refuse T != 1
+WEIGHTS_TEMPERATURES = (0.5, 0.75, 1.0, 1.5, 2.0)  # mixing weights at a fixed BH selection
+GRID_ALPHAS, MAX_KS = (0.01, 0.05, 0.10), (8, 16, 32, 64)  # the α x max_k grid
+TOPK_KS = (16, 32, 64)  # top-k beside BH's max_k
+BASELINE_PROMPTS, COMPARISON_PROMPTS = "baseline", "comparison"  # prompt sets (bh_routing.data)
 
 # %% [markdown]
 # ## Setup
@@ -78,24 +85,26 @@ INTERACTIVE = "auto"  # sliders at the end: "auto" = only where a person is look
 # %%
 # Install: an uploaded wheel/zip (/content or, with DRIVE, MyDrive) first, then REPO_URL
 import glob, importlib, importlib.util, os, subprocess, sys
-if importlib.util.find_spec("bh_routing") is None:  # pip keeps the runtime's torch (it meets torch>=2.1)
+if importlib.util.find_spec("bh_routing") is None:  # pip keeps the runtime's torch (torch>=2.1)
     if DRIVE and "google.colab" in sys.modules:
         from google.colab import drive
         drive.mount("/content/drive")
     uploads = [path for folder in (".", "/content/drive/MyDrive") for ext in ("whl", "zip")
                for path in sorted(glob.glob(f"{folder}/bh_routing*.{ext}"))]
     for source in uploads[:1] + [f"git+{REPO_URL}"]:
-        pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", source], capture_output=True,
-                             text=True, env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})  # never ask
+        pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", source],
+                             capture_output=True, text=True,
+                             env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})  # never ask
         print(f"pip install {source}: " + ("done" if pip.returncode == 0 else pip.stderr[-400:]))
         if pip.returncode == 0:
             break
     else:
         raise RuntimeError(
-            f"bh_routing is not installed and could not be installed from {REPO_URL}. Either set REPO_URL "
-            "in the parameters cell to a repository that holds it, or upload bh_routing-<version>.whl "
-            "(`pip wheel --no-deps .` in a checkout) or a zip of the repository (bh_routing*.zip) to the "
-            "Files pane or to MyDrive (then set DRIVE = True), and run this cell again.")
+            f"bh_routing is not installed and could not be installed from {REPO_URL}. Either "
+            "set REPO_URL in the parameters cell to a repository that holds it, or upload "
+            "bh_routing-<version>.whl (`pip wheel --no-deps .` in a checkout) or a zip of the "
+            "repository (bh_routing*.zip) to the Files pane or to MyDrive (then set "
+            "DRIVE = True), and run this cell again.")
     importlib.invalidate_caches()
 
 # %%
@@ -104,23 +113,19 @@ runtime.use_drive(DRIVE)  # before transformers is imported: HF_HOME on Drive
 
 import numpy as np
 import pandas as pd
-import torch
 from IPython.display import display
-
-from bh_routing import analysis, plots
+from bh_routing import analysis, experiments as ex, plots, report
 from bh_routing import session as sessions, native_routing as native, bh_diagnostics as bhd
 from bh_routing import routing_plots as rplots, notebook_support as nbs
-from bh_routing.models import describe_model, load_model
+from bh_routing.data import prompt_set
+from bh_routing.validity import calibration_quality
 
 session = sessions.start_session("02", model=MODEL, budget=BUDGET, out=OUT, seed=SEED, drive=DRIVE)
 FOLDER = session.folder
 display(session)
 
 # %%
-model, tokenizer = load_model(session.model_id, dtype=session.dtype)  # prints the memory plan it checked
-print(f"{type(model).__name__}: {model.config.num_hidden_layers} layers, {model.config.num_experts} experts, "
-      f"top-{model.config.num_experts_per_tok}, {sum(p.numel() for p in model.parameters()) / 1e6:,.1f} M parameters")
-nbs.display_markdown(f"**Model:** {describe_model(session.model_id)}. Every number below is about this model.")
+model, tokenizer = session.load_model()  # prints the memory plan it checked
 calibration, _, how = sessions.load_or_calibrate(session, model, tokenizer)
 print("calibration:", how)
 BH = {"strategy": "bh", "alpha": ALPHA, "pvalues": PVALUES, "max_k": 8}
@@ -134,8 +139,7 @@ NATIVE = {"strategy": "topk", "k": 8}
 # earlier ones are above it (step-up). The router then clamps the count to [min_k, max_k] = [1, 8].
 
 # %%
-from bh_routing.data import prompt_set
-baseline_prompts = prompt_set("baseline")
+baseline_prompts = prompt_set(BASELINE_PROMPTS)
 one = native.record_native_routing(model, tokenizer, {"prompt": [baseline_prompts[2]["prompt"]]}, progress=False)
 layer = one.num_layers // 2
 token = one.num_tokens - 1
@@ -194,7 +198,6 @@ nbs.display_markdown(naive_lines)
 # furthest above 1 (anti-conservative).
 
 # %%
-from bh_routing.validity import calibration_quality
 quality_layers, quality_experts = calibration_quality(eval_sample.logits, calibration, "empirical")
 nbs.display_markdown(nbs.markdown_table(quality_layers, digits=3))
 nbs.display_markdown(nbs.markdown_table(quality_experts.groupby("layer").head(2), digits=3))
@@ -210,8 +213,8 @@ nbs.display_markdown(f"Per layer the null p-values are at most {quality_layers['
 # chosen model. Strategies have to be compared at matched mean k (notebook 03), so this map matters.
 
 # %%
-ALPHAS = (0.01, 0.02, 0.05, 0.10, 0.15, 0.20, 0.30, 0.50)
-curve = bhd.alpha_curve(bhd.subsample(eval_sample.logits, 4096, session.seed), calibration, ALPHAS)
+curve = bhd.alpha_curve(bhd.subsample(eval_sample.logits, 4096, session.seed), calibration, ALPHAS,
+                        models=PVALUE_MODELS)
 session.figure(plots.plot_alpha_sensitivity(curve, metrics=("mean_experts", "floor_rate"), subtitle=session.subtitle), "pvalue_models_alpha",
                "Mean experts and floor rate vs α per p-value model (recorded native logits).")
 session.figure(plots.plot_alpha_maxk_heatmap(curve[curve["pvalues"] == PVALUES], value="mean_experts", row="layer", col="alpha", subtitle=f"{session.subtitle} · {PVALUES} p-values"), "alpha_by_layer",
@@ -246,11 +249,10 @@ nbs.display_markdown([f"{r.id}: BH uses {r.mean_experts:.2f} experts per token a
 # re-running resumes.
 
 # %%
-from bh_routing import experiments as ex, report
 SWEEP = FOLDER / "sweep"
-budget = session.budget
-runs = ex.bh_deep_dive(budget) + [ex.Run(f"top-{k}", {"strategy": "topk", "k": k}, "wikitext", budget.n_for("wikitext"),
-                                          max_length=budget.max_length, group="top-k by k") for k in (16, 32, 64)]
+runs = ex.bh_deep_dive(session.budget, alphas=ALPHAS, pvalues=PVALUE_MODELS, temperatures=TEMPERATURES,
+                       weights_temperatures=WEIGHTS_TEMPERATURES, grid_alphas=GRID_ALPHAS,
+                       max_ks=MAX_KS, topk_ks=TOPK_KS)
 context = ex.SweepContext(model, tokenizer, session.model_id, calibration)
 records = ex.run_sweep(context, runs, SWEEP, name="deep-dive")
 sweep_report = report.build_report(SWEEP)
@@ -324,7 +326,7 @@ nbs.display_markdown(f"Most experts: {pieces[int(per_token.argmax())]!r} ({per_t
 # (BH − native). Ten prompts are ten pairs: read the intervals, not just p.
 
 # %%
-comparison_prompts = prompt_set("comparison")
+comparison_prompts = prompt_set(COMPARISON_PROMPTS)
 native_cmp = bhd.score_prompts(model, tokenizer, comparison_prompts, NATIVE, label="native top-8")
 bh_cmp = bhd.score_prompts(model, tokenizer, comparison_prompts, BH, calibration, label=f"BH α={ALPHA}")
 tests = bhd.compare_prompts(native_cmp, bh_cmp, metrics=("nll",))  # experts: native's 8 is fixed, nothing to test

@@ -46,14 +46,19 @@
 
 # %% tags=["parameters"]
 # Parameters: edit, then Runtime -> Run all. Papermill injects its values in a cell after this one.
-MODEL = "auto"   # "auto": OLMoE-1B-7B on a GPU, the bundled tiny OLMoE on CPU; "tiny", a hub id, a folder
+MODEL = "auto"   # "auto": OLMoE-1B-7B on a GPU, the tiny bundled OLMoE on CPU; "tiny", hub id, folder
 BUDGET = "auto"  # "auto": "colab" on a GPU, "demo" on CPU; or "smoke" (seconds), "demo", "colab", "full"
-OUT = "auto"     # results root shared by 01-03; "auto": Drive (DRIVE), /content (Colab), results/notebooks
-DRIVE = False    # Colab: keep results *and* the Hugging Face model cache on Google Drive (survive reconnects)
+OUT = "auto"     # results root of 01-03; "auto": Drive (DRIVE), /content (Colab), results/notebooks
+DRIVE = False    # Colab: results *and* the Hugging Face cache on Google Drive (survive reconnects)
 SEED = 0
-REPO_URL = "https://github.com/bh-routing/bh_routing"  # the install cell's source when nothing is uploaded
-MATCHED = "auto"  # matched-compute section: True, False, or "auto" (on when it adds at most 35 % to the sweep)
-TASKS = ("domains", "wikitext", "hellaswag", "lambada")  # domains: held-out text of the tiny model's training domains
+REPO_URL = "https://github.com/bh-routing/bh_routing"  # the install source when nothing is uploaded
+MATCHED = "auto"  # matched compute: True, False, "auto" (on when it adds at most 35 % to the sweep)
+TASKS = ("domains", "wikitext", "hellaswag", "lambada")  # domains: held-out text of 4 domains
+STRATEGIES = ("top-k", "normalized", "uniform", "adaptive", "bh max_k", "bh alpha", "other adaptive")
+KS = (2, 4, 6, 8)          # top-k, normalised, uniform and BH max_k at each k
+MAX_KS = (16, 32, 64)      # BH α=0.05 beyond the native 8
+ALPHAS = (0.01, 0.10)      # BH max_k=8 beside α=0.05
+MATCHED_KS = (2, 4, 6, 8)  # matched compute: target mean experts
 
 # %% [markdown]
 # ## Setup
@@ -75,50 +80,44 @@ TASKS = ("domains", "wikitext", "hellaswag", "lambada")  # domains: held-out tex
 # %%
 # Install: an uploaded wheel/zip (/content or, with DRIVE, MyDrive) first, then REPO_URL
 import glob, importlib, importlib.util, os, subprocess, sys
-if importlib.util.find_spec("bh_routing") is None:  # pip keeps the runtime's torch (it meets torch>=2.1)
+if importlib.util.find_spec("bh_routing") is None:  # pip keeps the runtime's torch (torch>=2.1)
     if DRIVE and "google.colab" in sys.modules:
         from google.colab import drive
         drive.mount("/content/drive")
     uploads = [path for folder in (".", "/content/drive/MyDrive") for ext in ("whl", "zip")
                for path in sorted(glob.glob(f"{folder}/bh_routing*.{ext}"))]
     for source in uploads[:1] + [f"git+{REPO_URL}"]:
-        pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", source], capture_output=True,
-                             text=True, env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})  # never ask
+        pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", source],
+                             capture_output=True, text=True,
+                             env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})  # never ask
         print(f"pip install {source}: " + ("done" if pip.returncode == 0 else pip.stderr[-400:]))
         if pip.returncode == 0:
             break
     else:
         raise RuntimeError(
-            f"bh_routing is not installed and could not be installed from {REPO_URL}. Either set REPO_URL "
-            "in the parameters cell to a repository that holds it, or upload bh_routing-<version>.whl "
-            "(`pip wheel --no-deps .` in a checkout) or a zip of the repository (bh_routing*.zip) to the "
-            "Files pane or to MyDrive (then set DRIVE = True), and run this cell again.")
+            f"bh_routing is not installed and could not be installed from {REPO_URL}. Either "
+            "set REPO_URL in the parameters cell to a repository that holds it, or upload "
+            "bh_routing-<version>.whl (`pip wheel --no-deps .` in a checkout) or a zip of the "
+            "repository (bh_routing*.zip) to the Files pane or to MyDrive (then set "
+            "DRIVE = True), and run this cell again.")
     importlib.invalidate_caches()
 
 # %%
 from bh_routing import runtime
 runtime.use_drive(DRIVE)  # before transformers is imported: HF_HOME on Drive
-
-import numpy as np
-import pandas as pd
-import torch
 from IPython.display import display
-
-from bh_routing import analysis, plots
-from bh_routing import session as sessions, bh_diagnostics as bhd, cost
-from bh_routing import comparison, routing_plots as rplots, notebook_support as nbs
-from bh_routing.models import describe_model, load_model
+from bh_routing import bh_diagnostics as bhd, comparison, cost, experiments as ex, report
+from bh_routing import session as sessions, routing_plots as rplots
+from bh_routing.notebook_support import display_markdown, markdown_table, offer_download, zip_folder
 
 session = sessions.start_session("03", model=MODEL, budget=BUDGET, out=OUT, seed=SEED, drive=DRIVE)
 FOLDER = session.folder
 display(session)
 
 # %%
-model, tokenizer = load_model(session.model_id, dtype=session.dtype)  # prints the memory plan it checked
-print(f"{type(model).__name__}: {model.config.num_hidden_layers} layers, {model.config.num_experts} experts, "
-      f"top-{model.config.num_experts_per_tok}, {sum(p.numel() for p in model.parameters()) / 1e6:,.1f} M parameters")
-nbs.display_markdown(f"**Model:** {describe_model(session.model_id)}. Every number below is about this model.")
-calibration, calibration_logits, how = sessions.load_or_calibrate(session, model, tokenizer, need_logits=True)
+model, tokenizer = session.load_model()  # prints the memory plan it checked
+calibration, calibration_logits, how = sessions.load_or_calibrate(session, model, tokenizer,
+                                                                  need_logits=True)
 print("calibration:", how)
 
 # %% [markdown]
@@ -128,37 +127,22 @@ print("calibration:", how)
 # count divided by a throughput — the T4 assumption before anything ran, the measured speed after.
 
 # %%
-from bh_routing import experiments as ex, report
-budget = session.budget
-runs = ex.full_experiments(budget, TASKS)
-main_estimate = cost.estimate_sweep(runs, tokenizer, default_max_length=4096)
-search_tokens = sessions.MATCHED_SEARCH_TOKENS[session.budget_name]
-matched_probe = cost.matched_runs_for_estimate(budget)  # what matched compute adds: 4 targets x 5 adaptive strategies, WikiText
-matched_estimate = cost.estimate_sweep(matched_probe, tokenizer, default_max_length=4096)
-share = matched_estimate["tokens"].sum() / main_estimate["tokens"].sum()
-use_matched = share <= 0.35 if MATCHED == "auto" else bool(MATCHED)
-on_t4 = "T4" in session.environment.get("gpu", "")
-rate = cost.T4_TOKENS_PER_S
-plan = pd.concat([main_estimate.assign(part="full preset"), matched_estimate.assign(part="matched compute")], ignore_index=True)
-nbs.display_markdown(nbs.markdown_table(plan, ["part", "task", "runs", "tokens_per_run", "tokens", "seconds"], digits=3))
-total = main_estimate["tokens"].sum() + (matched_estimate["tokens"].sum() if use_matched else 0)
-nbs.display_markdown(
-    f"{len(runs)} runs of the full preset" + (f" + {len(matched_probe)} matched-compute runs" if use_matched else "") +
-    f": **{total / 1e6:.2f} M tokens**. At the assumed T4 rate of {rate:,.0f} tokens/s that is "
-    f"**{cost.format_duration(total / rate)}**{'' if on_t4 else ' on a T4 (this machine differs; the measured estimate follows the first run)'}. "
-    f"Matched compute adds {share:.0%} → {'on' if use_matched else 'off'} (MATCHED = {MATCHED!r}).")
+runs = ex.full_experiments(session.budget, TASKS, ks=KS, max_ks=MAX_KS, alphas=ALPHAS,
+                           strategies=STRATEGIES)
+matched_probe = cost.matched_runs_for_estimate(session.budget, targets=MATCHED_KS)
+plan, use_matched, plan_text = cost.plan_sweep(runs, matched_probe, tokenizer, MATCHED,
+                                               on_t4="T4" in session.environment.get("gpu", ""))
+display_markdown(markdown_table(plan, ["part", "task", "runs", "tokens_per_run", "tokens", "seconds"]))
+display_markdown(plan_text)
 
 # %%
-if use_matched:  # the knob (α, p, τ, β) that gives each target mean k on calibration text, found by bisection
-    search_logits = [l.to(session.device) for l in bhd.subsample(calibration_logits, search_tokens, session.seed)]
-    matched_runs = comparison.new_runs(runs, ex.matched_compute(budget, search_logits, calibration, tasks=("wikitext",)))
-    knobs = pd.DataFrame([{"label": r.label, "target k̄": r.routing["calibrated"]["target_k"],
-                           "achieved on calibration": r.routing["calibrated"]["achieved_k"],
-                           r.routing["calibrated"]["knob"]: r.routing[r.routing["calibrated"]["knob"]]}
-                          for r in matched_runs if "calibrated" in r.routing])
-    nbs.display_markdown(nbs.markdown_table(knobs, digits=4))
-else:
-    matched_runs = []
+matched_runs = []
+if use_matched:  # the knob (α, p, τ, β) giving each target mean k on calibration text
+    search_tokens = sessions.MATCHED_SEARCH_TOKENS[session.budget_name]
+    search = [l.to(session.device) for l in bhd.subsample(calibration_logits, search_tokens, SEED)]
+    matched = ex.matched_compute(session.budget, search, calibration, ("wikitext",), MATCHED_KS)
+    matched_runs = comparison.new_runs(runs, matched)
+    display_markdown(markdown_table(comparison.matched_knobs(matched_runs), digits=4))
 all_runs = runs + matched_runs
 
 # %% [markdown]
@@ -171,59 +155,49 @@ all_runs = runs + matched_runs
 
 # %%
 context = ex.SweepContext(model, tokenizer, session.model_id, calibration)
-mix = cost.representative_runs(all_runs)  # every task, several strategies: the cheapest run alone under-estimates
+mix = cost.representative_runs(all_runs)  # every task, several strategies: one run under-estimates
 timed = ex.run_sweep(context, mix, FOLDER, name="full")
-measured = cost.measured_rate(timed, cost.estimate_sweep(mix, tokenizer, default_max_length=4096))
-if measured:
-    remaining = cost.estimate_sweep([r for r in all_runs if r not in mix], tokenizer, tokens_per_s=measured, default_max_length=4096)
-    print(f"measured {measured:,.0f} tokens/s over a mix of {len(mix)} runs -> about "
-          f"{cost.format_duration(remaining['seconds'].sum())} for the remaining runs (finished runs are skipped)")
+print(cost.describe_remaining(timed, mix, all_runs, tokenizer))
 records = ex.run_sweep(context, all_runs, FOLDER, name="full")
-failed = [r for r in records if r["status"] != "ok"]
-print(f"{len(records) - len(failed)} runs ok, {len(failed)} failed" + "".join(f"\n  {r['label']} ({r['task']}): {r['error']}" for r in failed))
 
 # %% [markdown]
-# ## 3 · The report and the comparison table
+# ## 3 · The report
 #
-# `report.build_report` reads the sweep into one report object — runs, paired comparisons, findings,
-# figures — and `write` saves its tables, figures and `REPORT.md` in the results folder. Below, one row
-# per configuration: mean experts per token and layer (mean over the tasks; per task in the CSV), each
-# task's headline metric, and how often the count sits on its floor (min_k) or ceiling (max_k).
+# `report.build_report` reads the sweep into one report object and shows it below: the findings —
+# stated only where a paired test over items (paired t on per-item log-likelihoods for WikiText
+# articles and domain documents; exact McNemar on per-item correctness for HellaSwag and LAMBADA)
+# rejects after Benjamini–Hochberg correction over every comparison of the report — each task's
+# runs, the paired comparisons against native top-8 (and, for a compute-matched run, top-k at its
+# k̄) with 95 % CIs, and any failed run. `write` saves its tables, figures and `REPORT.md`.
 
 # %%
 sweep_report = report.build_report(FOLDER)
-sweep_report.write(FOLDER)
-table = sweep_report.runs
-comparison_table = comparison.comparison_table(table[table["target_k"].isna()])
-comparison_table.to_csv(FOLDER / "full_routing_results.csv", index=False)
-nbs.display_markdown(nbs.markdown_table(comparison_table, ["label", "strategy", "group", "mean_experts", *comparison.HEADLINE_COLUMNS,
-                                                           "floor_rate", "ceiling_rate"], digits=4))
+sweep_report.write(FOLDER)  # runs.csv, comparison.csv, figures, analysis_summary.json, REPORT.md
+display(sweep_report)
 
 # %% [markdown]
 # ## 4 · Quality vs mean experts (descriptive)
 #
 # The report's Pareto plots: point estimates; the staircase joins the configurations no other beats on
-# both axes. They describe this sample; which differences are real is for sections 5 and 7 to say.
+# both axes. They describe this sample; which differences are real is for the report's paired tests to say.
 # Tasks at chance on this model get no plot.
 
 # %%
 for figure in sweep_report.figures:
     if figure.name.startswith("pareto_"):
-        sessions.show(figure.figure)
-        session.figures.append((f"{figure.name}.png", figure.caption))  # saved by sweep_report.write
+        sessions.show(figure.figure)  # saved by sweep_report.write
 
 # %% [markdown]
-# ## 5 · Paired comparisons
+# ## 5 · One row per configuration
 #
-# Same items, same tokens: each configuration against native top-8 (and a compute-matched one also
-# against top-k at its k̄), by a paired test over items — paired t on per-item log-likelihoods
-# (WikiText articles, domain documents), exact McNemar on per-item correctness (HellaSwag, LAMBADA) —
-# with Benjamini–Hochberg correction over every comparison of the report. Effects are candidate −
-# reference with 95 % CIs. From the report's `comparison.csv`.
+# Mean experts per token and layer (mean over the tasks; per task in the CSV), each task's headline
+# metric, and how often the count sits on its floor (min_k) or ceiling (max_k).
 
 # %%
-nbs.display_markdown(report.markdown_table(sweep_report.comparisons, ["task", "candidate", "reference", "candidate_k", "reference_k",
-                                                                     "n", "test", "effect", "ci_low", "ci_high", "p_adjusted", "verdict"]))
+table = comparison.comparison_table(sweep_report.ok[sweep_report.ok["target_k"].isna()])
+table.to_csv(FOLDER / "full_routing_results.csv", index=False)
+display_markdown(markdown_table(table, ["label", "strategy", "group", "mean_experts",
+                                        *comparison.HEADLINE_COLUMNS, "floor_rate", "ceiling_rate"]))
 
 # %% [markdown]
 # ## 6 · Matched compute
@@ -233,21 +207,12 @@ nbs.display_markdown(report.markdown_table(sweep_report.comparisons, ["task", "c
 # evaluated text to match within the report's tolerance; the table and the figure are descriptive.
 
 # %%
-matched = comparison.matched_table(table) if use_matched else pd.DataFrame()
-if len(matched):
+matched = comparison.matched_table(sweep_report.ok) if use_matched else None
+if matched is not None and len(matched):
     matched.to_csv(FOLDER / "matched_compute.csv", index=False)
-    nbs.display_markdown(nbs.markdown_table(matched, digits=4))
+    display_markdown(markdown_table(matched, digits=4))
     session.figure(rplots.plot_matched_compute(matched, subtitle=session.subtitle), "matched_compute",
                    "Matched compute: each strategy at k̄ = 2, 4, 6, 8 beside top-k (descriptive).")
-    nbs.display_markdown([f.statement for f in sweep_report.findings if f.comparison.matched])
-else:
-    print("matched compute is off (MATCHED = False, or too expensive at this budget with MATCHED = 'auto')")
-
-# %% [markdown]
-# ## 7 · Findings (paired tests, corrected for the number of comparisons)
-
-# %%
-nbs.display_markdown(sweep_report.findings_markdown())
 
 # %% [markdown]
 # ## Next steps
@@ -270,12 +235,8 @@ nbs.display_markdown(sweep_report.findings_markdown())
 # configuration. The per-run token arrays (`runs/`) stay in the folder for resuming, not in the zip.
 
 # %%
-nbs.write_json(FOLDER / "notebook_summary.json", {"session": session.describe(), "calibration": {"how": how, **calibration.metadata},
-                                                   "matched_compute": use_matched, "report": sweep_report.summary(),
-                                                   "failed_runs": len(failed), "seconds": round(session.elapsed, 1)})
-archive = nbs.zip_folder(FOLDER)
-print(f"{len(list(FOLDER.glob('*.png')))} figures -> {archive}")
-print(f"notebook 03 took {session.elapsed:.0f} s")
+archive = zip_folder(FOLDER)
+print(f"{archive}; notebook 03 took {session.elapsed:.0f} s")
 
 # %%
-print(nbs.offer_download(archive))  # a browser download on Colab; skipped elsewhere
+print(offer_download(archive))  # a browser download on Colab; skipped elsewhere

@@ -1,5 +1,7 @@
 """Experiment engine: checkpoint/resume (a real killed subprocess), matched compute, reports, the demo."""
+import hashlib
 import json
+import re
 import os
 import signal
 import subprocess
@@ -163,3 +165,44 @@ def test_calibration_size_follows_the_smallest_critical_value_of_the_sweep():
     need = calibration_requirement(0.02, "by", 64, 8, "empirical")
     assert ex.calibration_size(configs, 64, 8) == (need.tokens, need.null_samples)
     assert ex.calibration_size([{"strategy": "top_p", "p": 0.3}], 64, 8) == (0, 0)
+
+
+def _ids(runs) -> str:
+    return hashlib.sha256("\n".join(r.run_id({"model": "m"}) for r in runs).encode()).hexdigest()[:16]
+
+
+def test_preset_grids_default_to_the_presets_whose_run_ids_finished_sweeps_hold():
+    # Digests of the run ids the presets built before their grids became arguments: a default that
+    # drifts would re-run every finished run of a resumed sweep.
+    budget = ex.BUDGETS["colab"]
+    assert _ids(ex.full_experiments(budget)) == "d650d0b57dc37cfc"
+    assert _ids(ex.full_experiments(budget, ("domains", "wikitext", "hellaswag", "lambada"))) == "ff4ccd1efcfee1c9"
+    assert _ids(ex.bh_deep_dive(budget)) == "0e405143073f217c"
+
+
+def test_editing_a_grid_changes_exactly_the_runs_it_builds():
+    budget = ex.BUDGETS["smoke"]
+    deep = ex.bh_deep_dive(budget, alphas=(0.03, 0.07), pvalues=("empirical",))
+    assert sorted(r.routing["alpha"] for r in deep if r.group.startswith("alpha/")) == [0.03, 0.07]
+    assert {r.group for r in deep if r.group.startswith("alpha/")} == {"alpha/empirical"}
+    default = ex.bh_deep_dive(budget)
+    assert [r for r in deep if not r.group.startswith("alpha/")] == [r for r in default if not r.group.startswith("alpha/")]
+    deep = ex.bh_deep_dive(budget, temperatures=(0.3,), weights_temperatures=(), max_ks=(8,), topk_ks=(16,))
+    assert [r.routing["temperature"] for r in deep if r.group == "temperature/softmax"] == [0.3]
+    assert not [r for r in deep if r.group == "weights temperature"]
+    assert {r.routing["max_k"] for r in deep if r.group == "alpha x max_k"} == {8}
+    assert [r.routing for r in deep if r.group == "top-k by k"] == [{"strategy": "topk", "k": 16}]
+    full = ex.full_experiments(budget, ("wikitext",), ks=(3,), alphas=(0.2,), strategies=("top-k", "bh alpha"))
+    assert [(r.label, r.routing) for r in full] == [
+        ("top-3", {"strategy": "topk", "k": 3}), ("BH α=0.2 max_k=8", {"strategy": "bh", "alpha": 0.2, "max_k": 8})]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"alphas": 0.05}, "alphas must be a list or tuple"),
+    ({"pvalues": ("bonferroni",)}, "pvalues: unknown ['bonferroni']"),
+])
+def test_bad_grids_are_refused_before_any_run_is_built(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ex.bh_deep_dive(ex.BUDGETS["smoke"], **kwargs)
+    with pytest.raises(ValueError, match="strategies: unknown"):
+        ex.full_experiments(ex.BUDGETS["smoke"], strategies=("topk",))

@@ -182,3 +182,36 @@ def test_record_native_routing_equals_transformers_router_logits():
     assert (pd.Series(capped.source).value_counts() <= 5).all()
 
 
+
+
+# --------------------------------------------------------------------------- readings
+
+
+def test_usage_reading_names_the_busiest_pair_and_counts_unused_ones():
+    usage = np.array([[10, 0, 30, 40], [25, 25, 25, 25]])  # [layers, experts]; layer 0 mean 20
+    text = native.describe_usage(usage, num_tokens=50)
+    # relative to the layer mean: layer 0 is [0.5, 0, 1.5, 2.0], layer 1 all 1.0 -> busiest layer 0,
+    # expert 3 at 2.0x; one pair never chosen and only it below a quarter of the mean
+    assert "layer 0, expert 3, at 2.0×" in text
+    assert "1 of 8 (layer, expert) pairs were never chosen on these 50 tokens" in text
+    assert "and 1 get less than a quarter" in text
+
+
+def test_entropy_and_mass_readings_quote_the_table():
+    stats = pd.DataFrame({"layer": [0, 1, 2], "entropy_norm": [0.5, 0.9, 0.2],
+                          "mass_left_out": [0.30, 0.10, 0.45], "topk_mass": [0.70, 0.90, 0.55]})
+    entropy = native.describe_entropy(stats)
+    assert "0.50, 0.90, 0.20 (layers 0–2)" in entropy
+    assert "flattest layer is 1, the most decisive 2" in entropy
+    mass = native.describe_mass_left_out(stats, top_k=8)
+    assert f"leave out {np.mean([0.30, 0.10, 0.45]):.1%}" in mass and "(layer 2: 45.0%)" in mass
+    assert f"{np.mean([0.70, 0.90, 0.55]):.2f} on average" in mass
+
+
+def test_token_view_reading_picks_the_most_and_least_decided_tokens():
+    views = pd.DataFrame({"source": ["a"] * 4, "position": [0, 0, 1, 1], "token": ["x", "x", "y", "y"],
+                          "top1_prob": [0.9, 0.7, 0.2, 0.4]})
+    text = native.describe_token_views(views)
+    assert "most decided on 'x' (a, mean top-1 probability 0.800)" in text
+    assert "least on 'y' (a, 0.300)" in text
+    assert native.describe_token_views(pd.DataFrame(columns=["source"])) == ""

@@ -49,7 +49,7 @@ EXPECTED = {
         "maxk_vs_topk.png", "sweep/results.jsonl", "sweep/REPORT.md"]),
     "03_OLMoE_Full_Routing_Experiments": ("03_full_experiments", [
         "full_routing_results.csv", "comparison.csv", "runs.csv", "REPORT.md", "results.jsonl", "domains.csv",
-        "analysis_summary.json", "notebook_summary.json", "pareto_domains.png", "experts_by_domain.png"]),
+        "analysis_summary.json", "pareto_domains.png", "experts_by_domain.png"]),
 }
 
 

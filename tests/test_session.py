@@ -82,3 +82,15 @@ def test_markdown_table_zip_and_download(tmp_path):
     assert cost.read_csv(folder / "missing.csv").empty and cost.format_duration(4000) == "67 min"
 
 
+
+
+def test_calibration_reading_states_resolution_from_the_null_sizes():
+    from types import SimpleNamespace
+    counts = torch.tensor([[99, 199], [499, 999]])  # [layers, experts] null sizes
+    calibration = SimpleNamespace(empirical_counts=counts, num_experts=2, num_layers=2,
+                                  metadata={"tokens": 1234})
+    table = sessions.calibration_summary(calibration)
+    text = sessions.describe_calibration(calibration, table)
+    # smallest p of the worst layer: 1/(99+1) = 0.01 <= α/N for α = 0.05 (0.025) and 0.10, not 0.01
+    assert "Calibrated on 1,234 tokens; each expert's null holds 99–999 logits" in text
+    assert "1.00e-02 or less" in text and "α ∈ {0.05, 0.1}" in text
