@@ -261,8 +261,8 @@ table = sweep_report.runs
 failed = table[table["status"] != "ok"]
 print(f"{len(table) - len(failed)} runs ok, {len(failed)} failed" + ("".join(f"\n  {r.label}: {r.error}" for r in failed.itertuples())))
 ok = table[table["status"] == "ok"]
-native_ppl = float(ok.loc[ok["label"] == "native top-8", "word_perplexity"].iloc[0])
-alpha_runs = ok[ok["group"].str.startswith("alpha/")]
+native_ppl = float(ok.loc[ok["native"], "word_perplexity"].iloc[0])
+alpha_runs = ok[ok["group"].isin([f"alpha/{model}" for model in PVALUE_MODELS])]
 session.figure(plots.plot_alpha_sensitivity(alpha_runs, metrics=("mean_experts", "word_perplexity"), subtitle=session.subtitle), "alpha_sensitivity",
                "α sensitivity (patch mode, WikiText): mean experts and word perplexity per p-value model.")
 pivot = alpha_runs.pivot_table(index="alpha", columns="pvalues", values=["mean_experts", "word_perplexity"])

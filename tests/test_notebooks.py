@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -125,7 +126,22 @@ def local_repository(tmp_path_factory):
     return clone
 
 
-def run_install_cell(cwd: Path, repo_url: str, target: Path) -> subprocess.CompletedProcess:
+@pytest.fixture(scope="module")
+def fresh_python(tmp_path_factory) -> Path:
+    """A Python as a fresh runtime has it: bh_routing not importable, pip and setuptools are. A new venv
+    without pip whose one extra path is this environment's site-packages, added as a plain path: its
+    .pth files — an editable install of bh_routing among them (what the README's setup makes) — are
+    not processed, its packages are importable."""
+    venv = tmp_path_factory.mktemp("runtime") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    Path(purelib, "outer-site-packages.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    return python
+
+
+def run_install_cell(python: Path, cwd: Path, repo_url: str, target: Path) -> subprocess.CompletedProcess:
     """The install cell as a fresh runtime runs it (after the parameters cell), with pip confined to
     ``target``: no dependencies, no index, no build isolation — offline, and the venv is untouched."""
     cell = next(c for c in code_cells(NAMES[0]) if c.startswith("# Install"))
@@ -134,7 +150,7 @@ def run_install_cell(cwd: Path, repo_url: str, target: Path) -> subprocess.Compl
     env |= {"PIP_TARGET": str(target), "PIP_NO_DEPS": "1", "PIP_NO_INDEX": "1",
             "PIP_NO_BUILD_ISOLATION": "0",  # pip's spelling of --no-build-isolation
             "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    return subprocess.run([sys.executable, "-c", program], cwd=cwd, env=env, capture_output=True, text=True,
+    return subprocess.run([str(python), "-c", program], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=300)
 
 
@@ -146,50 +162,51 @@ def installed_location(target: Path) -> Path:
     return Path(out.stdout.strip())
 
 
-def test_install_cell_needs_bh_routing_unimportable_outside_a_checkout(tmp_path):
+def test_install_cell_needs_bh_routing_unimportable_outside_a_checkout(fresh_python, tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    out = subprocess.run([sys.executable, "-c", "import importlib.util; print(importlib.util.find_spec('bh_routing'))"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "None", "bh_routing is installed in this Python: the install tests would test nothing"
+    out = subprocess.run([str(fresh_python), "-c", "import importlib.util as u; print(u.find_spec('bh_routing'), "
+                          "u.find_spec('pip') is not None)"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.split() == ["None", "True"], f"the fresh runtime sees bh_routing or lacks pip: {out.stdout}"
 
 
-def test_install_cell_installs_a_wheel_found_in_the_working_folder(local_repository, tmp_path):
+def test_install_cell_installs_a_wheel_found_in_the_working_folder(fresh_python, local_repository, tmp_path):
     uploads, target = tmp_path / "content", tmp_path / "site"
     uploads.mkdir()
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
                     "--no-index", "-w", str(uploads), str(local_repository)], check=True)
     [wheel] = uploads.glob("bh_routing-*.whl")
-    result = run_install_cell(uploads, "https://invalid.example/no-such-repository", target)
+    result = run_install_cell(fresh_python, uploads, "https://invalid.example/no-such-repository", target)
     assert result.returncode == 0, result.stderr
     assert f"pip install ./{wheel.name}: done" in result.stdout
     assert installed_location(target) == target / "bh_routing" / "__init__.py"
     assert (target / "bh_routing" / "assets" / "tiny-olmoe" / "config.json").exists()  # package data came along
 
 
-def test_install_cell_installs_a_zip_of_the_repository(local_repository, tmp_path):
+def test_install_cell_installs_a_zip_of_the_repository(fresh_python, local_repository, tmp_path):
     uploads, target = tmp_path / "content", tmp_path / "site"
     uploads.mkdir()
     archive = uploads / "bh_routing-main.zip"  # the name GitHub's "Download ZIP" gives
     subprocess.run(["git", "-C", str(local_repository), "archive", "--format=zip", "--prefix=bh_routing-main/",
                     "-o", str(archive), "HEAD"], check=True)
-    result = run_install_cell(uploads, "https://invalid.example/no-such-repository", target)
+    result = run_install_cell(fresh_python, uploads, "https://invalid.example/no-such-repository", target)
     assert result.returncode == 0, result.stderr
     assert installed_location(target) == target / "bh_routing" / "__init__.py"
 
 
-def test_install_cell_installs_from_the_repository_url(local_repository, tmp_path):
+def test_install_cell_installs_from_the_repository_url(fresh_python, local_repository, tmp_path):
     uploads, target = tmp_path / "content", tmp_path / "site"
     uploads.mkdir()
-    result = run_install_cell(uploads, local_repository.as_uri(), target)
+    result = run_install_cell(fresh_python, uploads, local_repository.as_uri(), target)
     assert result.returncode == 0, result.stderr
     assert f"pip install git+{local_repository.as_uri()}: done" in result.stdout
     assert installed_location(target) == target / "bh_routing" / "__init__.py"
 
 
-def test_install_cell_stops_with_what_to_do_when_nothing_installs(tmp_path):
+def test_install_cell_stops_with_what_to_do_when_nothing_installs(fresh_python, tmp_path):
     uploads, target = tmp_path / "content", tmp_path / "site"
     uploads.mkdir()
-    result = run_install_cell(uploads, (tmp_path / "missing").as_uri(), target)
+    result = run_install_cell(fresh_python, uploads, (tmp_path / "missing").as_uri(), target)
     assert result.returncode != 0
     message = result.stderr.splitlines()[-1]
     assert message.startswith("RuntimeError: bh_routing is not installed and could not be installed from")
