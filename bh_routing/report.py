@@ -486,7 +486,8 @@ def build_report(folder: str | Path, alpha: float = fd.ALPHA, k_tolerance: float
     runs = runs_table(records)
     load = _Results(folder)
     saved = (runs["status"] == "ok") & runs["task"].isin(TASKS)       # runs whose EvalResult was saved
-    usable = runs[~saved | runs["run_id"].map(load.available)]
+    lost = {run_id for run_id in runs.loc[saved, "run_id"] if not load.available(run_id)}
+    usable = runs[~runs["run_id"].isin(lost)]
     comparisons, chance, notes = comparisons_and_chance(usable, load)
     notes += ([f"{len(damaged)} damaged line(s) of results.jsonl skipped (the next sweep into this folder "
                f"sets them aside and redoes their runs): " + "; ".join(str(d) for d in damaged)] if damaged else [])
