@@ -11,6 +11,7 @@ Qwen3-MoE before 4.51) is skipped, not failed. ``experts_implementation`` (5.x o
 from __future__ import annotations
 
 from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,6 +61,19 @@ FIVE_X_ONLY = {"deepseek_v3", "glm4_moe", "gpt_oss", "granitemoe", "flex_olmo", 
 COMPACT_UNSUPPORTED = {"gpt_oss"}
 
 TRANSFORMERS_5 = int(version("transformers").split(".")[0]) >= 5  # no import: keeps collection fast
+
+# The bundled tiny trained OLMoE ships with the package; tests that load it say so with this mark.
+TINY_WEIGHTS = Path(__file__).resolve().parents[1] / "bh_routing" / "assets" / "tiny-olmoe" / "model.safetensors"
+needs_tiny = pytest.mark.skipif(not TINY_WEIGHTS.exists(),
+                                reason="the bundled tiny OLMoE (bh_routing/assets/tiny-olmoe) is not in this checkout")
+
+
+@pytest.fixture
+def offline_hub(monkeypatch):
+    """No hub access for the test: models and data come from the package and the local cache only
+    (use with ``pytestmark = pytest.mark.usefixtures("offline_hub")``)."""
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(key, "1")
 
 
 def tiny_config(family: str = "olmoe", **overrides):

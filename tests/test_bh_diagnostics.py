@@ -3,7 +3,6 @@ diagnostics, prompts scored under a routing, patch vs analyze, and the figures."
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,20 +10,11 @@ import torch
 
 from bh_routing import bh_diagnostics as bhd, native_routing as native
 from bh_routing import notebook_support as nbs, routing_plots as rplots, session as sessions
-from bh_routing.models import TINY_MODEL_DIR
 from bh_routing.pvalues import compute_pvalues
 from bh_routing.selection import route
-from conftest import make_routing_sample, random_calibration
+from conftest import make_routing_sample, needs_tiny, random_calibration
 
-needs_tiny = pytest.mark.skipif(not (Path(TINY_MODEL_DIR) / "model.safetensors").exists(),
-                                reason="the bundled tiny OLMoE (bh_routing/assets/tiny-olmoe) is not in this checkout")
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    for key, value in OFFLINE.items():
-        monkeypatch.setenv(key, value)
+pytestmark = pytest.mark.usefixtures("offline_hub")
 
 
 

@@ -15,12 +15,10 @@ import torch
 
 from bh_routing import experiments as ex
 from bh_routing import route
-from bh_routing.models import TINY_MODEL_DIR
 from bh_routing.store import ResultStore
+from conftest import needs_tiny
 
 REPO = Path(__file__).resolve().parents[1]
-needs_tiny = pytest.mark.skipif(not (Path(TINY_MODEL_DIR) / "model.safetensors").exists(),
-                                reason="the bundled tiny OLMoE (bh_routing/assets/tiny-olmoe) is not in this checkout")
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "PYTHONPATH": str(REPO)}
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,18 +11,9 @@ import pytest
 import torch
 
 from bh_routing import native_routing as native
-from bh_routing.models import TINY_MODEL_DIR
-from conftest import make_routing_sample
+from conftest import make_routing_sample, needs_tiny
 
-needs_tiny = pytest.mark.skipif(not (Path(TINY_MODEL_DIR) / "model.safetensors").exists(),
-                                reason="the bundled tiny OLMoE (bh_routing/assets/tiny-olmoe) is not in this checkout")
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    for key, value in OFFLINE.items():
-        monkeypatch.setenv(key, value)
+pytestmark = pytest.mark.usefixtures("offline_hub")
 
 
 

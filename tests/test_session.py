@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import zipfile
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -12,17 +11,9 @@ import torch
 
 from bh_routing import cost
 from bh_routing import notebook_support as nbs, session as sessions
-from bh_routing.models import TINY_MODEL_DIR
+from conftest import needs_tiny
 
-needs_tiny = pytest.mark.skipif(not (Path(TINY_MODEL_DIR) / "model.safetensors").exists(),
-                                reason="the bundled tiny OLMoE (bh_routing/assets/tiny-olmoe) is not in this checkout")
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    for key, value in OFFLINE.items():
-        monkeypatch.setenv(key, value)
+pytestmark = pytest.mark.usefixtures("offline_hub")
 
 
 
