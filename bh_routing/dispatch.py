@@ -16,10 +16,12 @@ Two expert layouts are supported:
 * a sequence of per-expert MLP modules (transformers 4.x ``nn.ModuleList``): each is *called*, so
   its own forward (and any hooks/quantisation) runs;
 * fused weights (transformers 5.x ``*Experts``): ``gate_up_proj [E, 2I, H]`` (gate rows first, then
-  up rows), ``down_proj [E, H, I]``, expert e: ``down_e(act(gate_e x) * up_e x)``.
+  up rows), ``down_proj [E, H, I]``, expert e: ``down_e(act(gate_e x) * up_e x)``; with
+  ``weight_inputs`` (Llama-4) the routing weight multiplies the expert's input row, not its output.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -118,9 +120,16 @@ def default_gate(act_fn: Callable) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def moe_fused(hidden: torch.Tensor, pairs: Pairs, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
-              gate_fn: Callable[[torch.Tensor], torch.Tensor], weights_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Mix of fused experts ``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``: ``[T, H]`` -> ``[T, H]``."""
-    rows = hidden[pairs.token].to(gate_up_proj.dtype)  # [P, H] sorted by expert
+              gate_fn: Callable[[torch.Tensor], torch.Tensor], weights_dtype: torch.dtype | None = None,
+              weight_inputs: bool = False) -> torch.Tensor:
+    """Mix of fused experts ``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``: ``[T, H]`` -> ``[T, H]``.
+    ``weight_inputs``: Llama-4's convention, Σ_j expert_j(w_j · x) — each pair's weight multiplies
+    the expert's input row (in the mixing dtype, as the model does) and the outputs are summed as they are."""
+    rows = hidden[pairs.token]  # [P, H] sorted by expert
+    if weight_inputs:
+        rows = _weigh(rows, pairs.weight, weights_dtype)
+        pairs = dataclasses.replace(pairs, weight=torch.ones_like(pairs.weight))  # x·1 is exact
+    rows = rows.to(gate_up_proj.dtype)
     if rows.shape[0] == 0:
         return torch.zeros_like(hidden)
     out = _grouped(rows, pairs, gate_up_proj, down_proj, gate_fn)

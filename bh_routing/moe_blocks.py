@@ -2,15 +2,20 @@
 knows model internals. Three axes:
 
 * **Family**: what a block adds around routing — a gated shared expert (Qwen2-MoE, Qwen3-Next), a
-  plain one (DeepSeek-V3, GLM-4-MoE), input jitter (Mixtral) — read from its child modules, so a
-  new model with the same parts needs no code. A block with parts it does not know is refused.
+  plain one (DeepSeek-V3, GLM-4-MoE; Llama-4's ungated ``shared_expert``), input jitter (Mixtral) —
+  read from its child modules, so a new model with the same parts needs no code. A block with parts
+  it does not know is refused.
 * **Scoring** (:mod:`bh_routing.scoring`): how the router ranks and weights experts (softmax,
-  softmax over the top-k, DeepSeek-V3 grouped sigmoid), identified from the router's own output.
+  softmax over the top-k, DeepSeek-V3 grouped sigmoid, Llama-4 sigmoid), identified from the
+  router's own output.
 * **Layout** (transformers version): 4.46–4.57 blocks own ``gate = nn.Linear`` and
   ``experts = nn.ModuleList`` and return ``(hidden, router_logits)`` (known by class name); 5.x
   blocks own a router module (``gate`` or ``router``) returning ``(logits, top-k weights, top-k
   indices)`` and fused ``*Experts`` and return ``hidden`` (GPT-OSS: ``(hidden, weights)``); router
   logits are recorded from the router module's call, so the patched block still *calls* it.
+  Llama-4 (4.51 on) has a layout of its own: a router returning ``(dense scores [T, E], logits)``
+  and experts that run every token through every expert, the routing weight multiplying the
+  expert's *input* (:class:`ScaledInputLayout`).
 
 What differs *within* a layout between versions is probed once, outside any model call, when a
 patch is built: whether the router returns logits or probabilities, whether the model's own loop
@@ -58,7 +63,8 @@ class Family:
     name: str  # the block's class name
     router_name: str  # "gate" or "router"
     shared: str | None = None  # "gated": + sigmoid(shared_expert_gate(x)) * shared_expert(x)
-    #                            (Qwen2-MoE, Qwen3-Next); "plain": + shared_experts(x) (DeepSeek-V3, GLM-4-MoE)
+    #                            (Qwen2-MoE, Qwen3-Next); "plain": + shared_experts(x) (DeepSeek-V3, GLM-4-MoE);
+    #                            "ungated": + shared_expert(x) (Llama-4)
     jitter: bool = False  # Mixtral: multiplicative input noise while training
 
     def router(self, block: nn.Module) -> nn.Module:
@@ -83,6 +89,8 @@ class Family:
             return out + torch.sigmoid(block.shared_expert_gate(x)) * shared
         if self.shared == "plain":
             return out + block.shared_experts(hidden_states).reshape(out.shape)
+        if self.shared == "ungated":  # Llama-4: shared_expert(x) + routed (float addition commutes: same bits)
+            return out + block.shared_expert(x)
         return out
 
 
@@ -100,6 +108,8 @@ def _family(name: str, module: nn.Module) -> Family | str:
         shared = "gated"
     elif "shared_experts" in children and not children & {"shared_expert", "shared_expert_gate"}:
         shared = "plain"
+    elif children & set(SHARED_NAMES) == {"shared_expert"}:
+        shared = "ungated"
     elif children & set(SHARED_NAMES):
         return f"{name} ({kind}): a shared expert of unknown form ({sorted(children & set(SHARED_NAMES))})"
     else:
@@ -240,6 +250,14 @@ class FusedLayout:
         return FusedLayout.logits_from_call(router_of(block), x, output, gives_logits), output[1].dtype
 
     @staticmethod
+    def reproduces(output, weights: torch.Tensor, indices: torch.Tensor) -> bool:
+        """Whether the router's ``output`` holds these top-k ``weights``/``indices [T, k]`` (any slot order)."""
+        if not (isinstance(output, tuple) and len(output) == 3):   # e.g. 4.x GPT-OSS: (scores, indices)
+            raise ValueError("does not return (logits, top-k weights, top-k indices) as transformers 5.x routers "
+                             "do: this layout is not supported (use transformers >= 5 for this family)")
+        return scoring.same_choice(output[1], output[2], weights, indices)
+
+    @staticmethod
     def calls_every_expert(block) -> bool:
         return False  # one fused module: every expert weight is one parameter with a gradient
 
@@ -272,7 +290,83 @@ class FusedLayout:
 
 
 
-LAYOUTS = (ModuleListLayout, FusedLayout)
+class ScaledInputLayout:
+    """Llama-4 (transformers 4.51 on): ``router = nn.Linear`` subclass with ``top_k`` returning
+    ``(scores [T, E], logits [T, E])`` — scores the routing weight of each chosen expert, 0 elsewhere;
+    ``experts(x)`` with ``gate_up_proj [E, H, 2I]``, ``down_proj [E, I, H]`` takes *every* token
+    through *every* expert (``[E*T, H]`` in, expert-major), each copy scaled by its score first; the
+    block sums the E outputs and returns ``(hidden [T, H], router_logits [T, E])``. The weight thus
+    multiplies the expert's input, not its output: the dispatch applies it there."""
+    name = "scaled_input"
+    shared_expert_first = False
+
+    @staticmethod
+    def matches(block) -> bool:
+        router, experts = router_of(block), block.experts
+        return (isinstance(router, nn.Linear) and hasattr(router, "top_k") and hasattr(experts, "gate_up_proj")
+                and hasattr(experts, "down_proj")
+                and len(inspect.signature(type(experts).forward).parameters) == 2)  # (self, every row)
+
+    @staticmethod
+    def num_experts(block) -> int:
+        return int(block.experts.gate_up_proj.shape[0])
+
+    @staticmethod
+    def top_k(block) -> int:
+        return int(router_of(block).top_k)
+
+    @staticmethod
+    def router_gives_logits(gate) -> bool:
+        return True  # the second output
+
+    @staticmethod
+    def logits_from_call(gate, x, output, gives_logits: bool) -> torch.Tensor:
+        return output[1]
+
+    @staticmethod
+    def route(block, x, gives_logits: bool):
+        scores, router_logits = router_of(block)(x)  # as a module: output_router_logits hooks see it
+        return router_logits, scores.dtype
+
+    @staticmethod
+    def reproduces(output, weights: torch.Tensor, indices: torch.Tensor) -> bool:
+        """Whether the router's dense scores are these ``weights [T, k]`` at ``indices`` and 0 elsewhere."""
+        scores = output[0]  # [T, E]
+        return torch.equal(scores, torch.zeros_like(scores).scatter_(1, indices, weights.to(scores.dtype)))
+
+    @staticmethod
+    def calls_every_expert(block) -> bool:
+        return False  # one fused module
+
+    @staticmethod
+    def native(block, x, indices, weights, every_expert: bool) -> torch.Tensor:
+        """The model's own dense path, op for op: every expert on every token, input scaled by the
+        token's weight for that expert (0 if not chosen). scatter_add_: a padded slot (PAD_INDEX at
+        weight 0) adds an exact 0 to whichever expert it names."""
+        num_experts = block.experts.gate_up_proj.shape[0]
+        scores = torch.zeros(x.shape[0], num_experts, dtype=weights.dtype, device=x.device)  # [T, E]
+        scores = scores.scatter_add(1, indices, weights)
+        routed_in = x.repeat(num_experts, 1) * scores.transpose(0, 1).reshape(-1, 1)  # [E*T, H]
+        routed_out = block.experts(routed_in)  # [E*T, H]
+        return routed_out.reshape(num_experts, -1, routed_out.shape[-1]).sum(dim=0)  # [T, H]
+
+    @staticmethod
+    def compact(block, x, pairs, cache, every_expert: bool, weights_dtype) -> torch.Tensor:
+        experts = block.experts
+        if "gate_fn" not in cache:
+            cache["gate_fn"] = getattr(experts, "_apply_gate", None) or dsp.default_gate(experts.act_fn)
+        return dsp.moe_fused(x, pairs, experts.gate_up_proj.transpose(1, 2), experts.down_proj.transpose(1, 2),
+                             cache["gate_fn"], weights_dtype, weight_inputs=True)
+
+    @staticmethod
+    def compact_unsupported(block) -> str | None:
+        if block.experts.gate_up_proj.device.type == "meta":
+            return (f"{type(block.experts).__name__}'s weights are offloaded (accelerate offload / device_map with "
+                    "offload: `meta` outside the experts' own call)")
+        return None
+
+
+LAYOUTS = (ModuleListLayout, FusedLayout, ScaledInputLayout)
 
 
 # =========================================================================== finding blocks
@@ -316,7 +410,7 @@ def check_transformers_version(version: str | None = None) -> str:
 def _returns(block: nn.Module, layout) -> str:
     """What the block's own forward returns: from its annotation where it has one, otherwise asked
     once on an empty batch (on `meta` when accelerate offloads the block: shapes only)."""
-    if layout is ModuleListLayout:
+    if layout in (ModuleListLayout, ScaledInputLayout):
         return "logits"
     annotation = inspect.signature(type(block).forward).return_annotation
     if annotation in (torch.Tensor, "torch.Tensor"):
@@ -336,7 +430,7 @@ def _returns(block: nn.Module, layout) -> str:
 
 def find_moe_blocks(model: nn.Module) -> list[MoeBlock]:
     """Every sparse MoE block of ``model``, in module order, recognised by its interface (see
-    ``FusedLayout.matches``; 4.x blocks by class name). A module that holds ``experts`` but is not
+    ``FusedLayout.matches`` and ``ScaledInputLayout.matches``; 4.x blocks by class name). A module that holds ``experts`` but is not
     understood is refused, named — never silently left native."""
     blocks, unknown = [], []
     for name, module in model.named_modules():
@@ -347,8 +441,8 @@ def find_moe_blocks(model: nn.Module) -> list[MoeBlock]:
         if layout is None or isinstance(family, str):
             unknown.append(family if isinstance(family, str) else
                            f"{name} ({type(module).__name__}): neither a router module returning (logits, top-k "
-                           "weights, top-k indices) with fused experts (gate_up_proj/down_proj), nor a known "
-                           "transformers 4.x block")
+                           "weights, top-k indices) with fused experts (gate_up_proj/down_proj), nor Llama-4's "
+                           "layout, nor a known transformers 4.x block")
             continue
         blocks.append(MoeBlock(len(blocks), name, module, family, layout, layout.num_experts(module),
                                layout.top_k(module), _returns(module, layout)))
@@ -369,7 +463,7 @@ def block_scoring(block: MoeBlock, gives_logits: bool):
     try:
         return scoring.identify(block.router, block.top_k,
                                 lambda x, out: block.layout.logits_from_call(block.router, x, out, gives_logits),
-                                f"{block.name}.{block.family.router_name}")
+                                block.layout.reproduces, f"{block.name}.{block.family.router_name}")
     except ValueError as error:
         raise UnsupportedModelError(str(error)) from None
 

@@ -1,6 +1,6 @@
 """How a MoE family's router turns its logits into a choice and into mixing weights — the one place
-for these conventions. Three are known; together they cover every transformers MoE router of the
-``(logits, top-k weights, top-k indices)`` interface in use today:
+for these conventions. Four are known; together they cover every transformers MoE router of the
+``(logits, top-k weights, top-k indices)`` interface in use today, and Llama-4's:
 
 * ``softmax``: rank ``softmax(logits)``; weights are those probabilities, renormalised over the
   chosen experts when the router says so (OLMoE, FlexOlmo and Qwen2/3-MoE through
@@ -12,6 +12,8 @@ for these conventions. Three are known; together they cover every transformers M
   the token's ``topk_group`` best expert groups (a group's strength: the sum of its two best
   biased scores); the weights are the unbiased scores of the chosen experts, renormalised if
   ``norm_topk_prob``, times ``routed_scaling_factor``.
+* ``sigmoid``: Llama-4: rank the logits; the weight of a chosen expert is ``sigmoid(its logit)``,
+  not renormalised (the Llama-4 layout multiplies it into the expert's input, not its output).
 
 A strategy sees each family's **selection logits** (what the native router ranks; the "logits"
 a strategy, its p-values and their calibration read) and mixes with the family's own weight
@@ -144,14 +146,43 @@ class SigmoidGrouped:
         return weights * gate.routed_scaling_factor, indices
 
 
+class Sigmoid:
+    """Llama-4: rank the logits; weight each chosen expert by the sigmoid of its own logit.
+
+    Adaptive strategies keep this convention: whatever experts a strategy chooses, each gets
+    ``sigmoid(logit)`` (independent per expert, so adding or dropping an expert never changes the
+    others' weights), unless the strategy asks otherwise (``renormalize=True``: divided by their sum;
+    ``topk_uniform``: 1/k). At the native k this is the model's own weight, bit for bit."""
+    name = "sigmoid"
+    supports_weights_temperature = False  # sigmoid weights have no temperature of their own
+
+    def renormalizes(self, gate) -> bool:
+        return False
+
+    def selection_logits(self, gate, router_logits):
+        return router_logits
+
+    def mix(self, gate, router_logits, routing, router):
+        if router.uniform:
+            return routing
+        weights = _gather_real(router_logits.float().sigmoid(), routing)  # [T, K]
+        if router.renormalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return type(routing)(weights, routing.indices, routing.counts)
+
+    def native(self, gate, router_logits, top_k):
+        top, indices = torch.topk(router_logits, top_k, dim=1)
+        return top.float().sigmoid(), indices
+
+
 def candidates(gate) -> list:
     """The conventions a router could follow, most specific first."""
     if SigmoidGrouped.matches(gate):
         return [SigmoidGrouped()]
-    return [Softmax(False), Softmax(True), SoftmaxTopK()]
+    return [Softmax(False), Softmax(True), SoftmaxTopK(), Sigmoid()]
 
 
-def _same_choice(weights, indices, ref_weights, ref_indices) -> bool:
+def same_choice(weights, indices, ref_weights, ref_indices) -> bool:
     """Same experts with bit-identical weights per token, in any slot order."""
     if indices.shape != ref_indices.shape:
         return False
@@ -161,24 +192,25 @@ def _same_choice(weights, indices, ref_weights, ref_indices) -> bool:
 
 
 def identify(gate: nn.Module, top_k: int, logits_of: Callable[[torch.Tensor, tuple], torch.Tensor],
-             where: str):
+             reproduces: Callable[[tuple, torch.Tensor, torch.Tensor], bool], where: str):
     """The convention that reproduces ``gate``'s own (weights, indices) on probe rows, bit for bit.
-    ``logits_of(x, output)`` reads the router logits from a call. Raises ValueError naming the
-    router when none does (the caller turns it into UnsupportedModelError)."""
+    ``logits_of(x, output)`` reads the router logits from a call; ``reproduces(output, weights,
+    indices)`` says whether a call's output holds that choice (it raises ValueError for an output
+    of another interface). Raises ValueError naming the router when no convention reproduces it
+    (the caller turns it into UnsupportedModelError)."""
     weight = gate.weight  # [E, H]; `meta` when accelerate offloads it (its hook loads it per call)
     device = weight.device if weight.device.type != "meta" else torch.device("cpu")
     dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
     x = torch.randn(32, weight.shape[-1], generator=torch.Generator().manual_seed(1)).to(device, dtype)
     with torch.no_grad():
         output = gate.forward(x)  # `forward`: no output-capture hooks
-        if not (isinstance(output, tuple) and len(output) == 3):   # e.g. 4.x GPT-OSS: (scores, indices)
-            raise ValueError(f"{where} ({type(gate).__name__}) does not return (logits, top-k weights, top-k "
-                             "indices) as transformers 5.x routers do: this layout is not supported (use "
-                             "transformers >= 5 for this family)")
         router_logits = logits_of(x, output)
-        for convention in candidates(gate):
-            if _same_choice(output[1], output[2], *convention.native(gate, router_logits, top_k)):
-                return convention
+        try:
+            for convention in candidates(gate):
+                if reproduces(output, *convention.native(gate, router_logits, top_k)):
+                    return convention
+        except ValueError as error:
+            raise ValueError(f"{where} ({type(gate).__name__}) {error}") from None
     raise ValueError(f"{where} ({type(gate).__name__}) routes by a convention this version of bh_routing does "
-                     "not know (none of softmax, softmax over the top-k, DeepSeek-V3 grouped sigmoid reproduces "
-                     "its output)")
+                     "not know (none of softmax, softmax over the top-k, DeepSeek-V3 grouped sigmoid, Llama-4 "
+                     "sigmoid reproduces its output)")

@@ -3,8 +3,8 @@
     from conftest import tiny_model            # or use the `tiny_olmoe` fixture
     model = tiny_model("olmoe")                # 2 layers, hidden 64, 64 experts, top-8, eval mode
 
-Families: olmoe, mixtral, qwen2_moe, qwen3_moe (every version); deepseek_v3, glm4_moe, gpt_oss,
-granitemoe, flex_olmo, qwen3_next (transformers 5.x layout). A family the installed transformers lacks (e.g.
+Families: olmoe, mixtral, qwen2_moe, qwen3_moe (every version); llama4 (4.51 on); deepseek_v3, glm4_moe,
+gpt_oss, granitemoe, flex_olmo, qwen3_next (transformers 5.x layout). A family the installed transformers lacks (e.g.
 Qwen3-MoE before 4.51) is skipped, not failed. ``experts_implementation`` (5.x only: "eager",
 "grouped_mm", "batched_mm") is skipped on 4.x.
 """
@@ -53,6 +53,10 @@ FAMILIES = {
                         shared_expert_intermediate_size=48, norm_topk_prob=True, head_dim=16,
                         layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4,
                         linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16)),
+    # Llama-4 (transformers 4.51 on): sigmoid top-1, the weight on the expert's input, an ungated shared expert
+    "llama4": ("Llama4TextConfig", "Llama4ForCausalLM",
+               dict(num_local_experts=8, num_experts_per_tok=1, intermediate_size=32, intermediate_size_mlp=48,
+                    head_dim=16)),
 }
 # Supported on the transformers 5.x layout only (router module + fused experts); on 4.x RoutingPatch
 # refuses their blocks by name (tests/test_families.py checks the refusal there)

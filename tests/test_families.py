@@ -69,14 +69,11 @@ def test_weights_temperature_refused_where_weights_are_sigmoid_scores():
 
 
 def test_blocks_not_understood_are_refused_by_name():
-    import transformers
-    if not hasattr(transformers, "Llama4TextConfig"):
-        pytest.skip(f"transformers {transformers.__version__} has no Llama-4")
-    config = transformers.Llama4TextConfig(vocab_size=64, hidden_size=32, intermediate_size=32, intermediate_size_mlp=32,
-                                           num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                                           head_dim=8, num_local_experts=4, num_experts_per_tok=1)
-    model = transformers.Llama4ForCausalLM(config)
-    with pytest.raises(UnsupportedModelError, match=r"model.layers.0.feed_forward \(Llama4TextMoe\)"):
+    # a block with a part the patch would skip (here: an extra norm on its output)
+    model = tiny_model("mixtral")
+    find_moe_blocks(model)[1].module.extra_norm = torch.nn.LayerNorm(model.config.hidden_size)
+    with pytest.raises(UnsupportedModelError, match=r"model.layers.1.\w+ \(MixtralSparseMoeBlock\): unknown parts "
+                                                    r"\['extra_norm'\] would be skipped"):
         find_moe_blocks(model)
     # a router whose convention none of the known ones reproduces
     model = tiny_model("granitemoe")

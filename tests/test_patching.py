@@ -26,6 +26,7 @@ RENORMALIZES = {"olmoe": False, "mixtral": True, "qwen2_moe": False, "qwen3_moe"
                 "qwen3_next": True}
 SOFTMAX_OVER_CHOSEN = {"gpt_oss", "granitemoe"}
 SIGMOID_GROUPED = {"deepseek_v3", "glm4_moe"}
+SIGMOID_ON_INPUT = {"llama4"}  # Llama-4: expert(sigmoid(logit) * x), plus an ungated shared expert
 
 
 def dispatches(family):
@@ -244,6 +245,10 @@ def expert_matrices(block, expert: int):
         if hasattr(mlp, "w1"):  # Mixtral: w2(act(w1 x) * w3 x)
             return mlp.w1.weight, mlp.w3.weight, mlp.w2.weight
         return mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+    if type(experts).__name__ == "Llama4TextExperts":  # gate_up_proj [E, H, 2I] (gate columns, then up), down [E, I, H]
+        inter = experts.down_proj.shape[1]
+        gate_up = experts.gate_up_proj[expert]
+        return gate_up[:, :inter].T, gate_up[:, inter:].T, experts.down_proj[expert].T
     inter = experts.gate_up_proj.shape[1] // 2  # 5.x: gate rows, then up rows
     return experts.gate_up_proj[expert, :inter], experts.gate_up_proj[expert, inter:], experts.down_proj[expert]
 
@@ -276,7 +281,7 @@ def grouped_selection_logits(router, logits):
 
 def brute_force_block(block, family: str, x: torch.Tensor, config: dict, layer: int = 0):
     """Σ_j w_tj · expert_{e_tj}(x_t) token by token, each family's weights by hand (+ shared experts)."""
-    router_module = getattr(block, "router", None) if family in ("gpt_oss", "granitemoe") else block.gate
+    router_module = getattr(block, "router", None) if family in ("gpt_oss", "granitemoe", "llama4") else block.gate
     logits = x @ router_module.weight.T + (router_module.bias if family == "gpt_oss" else 0)  # [T, E]
     strategy = build_router(config)
     if family in SIGMOID_GROUPED:
@@ -292,16 +297,21 @@ def brute_force_block(block, family: str, x: torch.Tensor, config: dict, layer: 
             weights = weights * router_module.routed_scaling_factor
         elif family in SOFTMAX_OVER_CHOSEN:
             weights = torch.softmax(logits[t, chosen], dim=0)
+        elif family in SIGMOID_ON_INPUT:
+            weights = torch.sigmoid(logits[t, chosen])
         else:
             weights = routing.weights[t, :len(chosen)]
         for expert, weight in zip(chosen.tolist(), weights):
-            out[t] += weight * expert_mlp(block, expert, x[t])
+            if family in SIGMOID_ON_INPUT:
+                out[t] += expert_mlp(block, expert, weight * x[t])
+            else:
+                out[t] += weight * expert_mlp(block, expert, x[t])
     if family in ("qwen2_moe", "qwen3_next"):
         shared = block.shared_expert
         mlp = shared.down_proj.weight @ (F.silu(shared.gate_proj.weight @ x.T) * (shared.up_proj.weight @ x.T))
         out += torch.sigmoid(x @ block.shared_expert_gate.weight.T) * mlp.T
-    if family in SIGMOID_GROUPED:
-        shared = block.shared_experts
+    if family in SIGMOID_GROUPED | SIGMOID_ON_INPUT:
+        shared = block.shared_experts if family in SIGMOID_GROUPED else block.shared_expert
         out += (shared.down_proj.weight @ (F.silu(shared.gate_proj.weight @ x.T) * (shared.up_proj.weight @ x.T))).T
     return out, routing
 
