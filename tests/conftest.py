@@ -4,7 +4,8 @@
     model = tiny_model("olmoe")                # 2 layers, hidden 64, 64 experts, top-8, eval mode
 
 Families: olmoe, mixtral, qwen2_moe, qwen3_moe (every version); llama4 (4.51 on); deepseek_v3, glm4_moe,
-gpt_oss, granitemoe, flex_olmo, qwen3_next (transformers 5.x layout). A family the installed transformers lacks (e.g.
+gpt_oss, granitemoe, flex_olmo, qwen3_next, qwen3_5_moe, qwen3_vl_moe (transformers 5.x layout; Qwen3-VL-MoE
+as its vision-language model fed text only). A family the installed transformers lacks (e.g.
 Qwen3-MoE before 4.51) is skipped, not failed. ``experts_implementation`` (5.x only: "eager",
 "grouped_mm", "batched_mm") is skipped on 4.x.
 """
@@ -57,10 +58,23 @@ FAMILIES = {
     "llama4": ("Llama4TextConfig", "Llama4ForCausalLM",
                dict(num_local_experts=8, num_experts_per_tok=1, intermediate_size=32, intermediate_size_mlp=48,
                     head_dim=16)),
+    # Qwen3-MoE's block (Qwen3-VL-MoE) and Qwen3-Next's (Qwen3.5-MoE) in newer models
+    "qwen3_5_moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM",
+                    dict(num_experts=16, num_experts_per_tok=4, moe_intermediate_size=32,
+                         shared_expert_intermediate_size=48, head_dim=16,
+                         layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4,
+                         linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16)),
+    "qwen3_vl_moe": ("Qwen3VLMoeTextConfig", "Qwen3VLMoeForConditionalGeneration",  # text-only inputs
+                     dict(num_experts=16, num_experts_per_tok=4, moe_intermediate_size=32, head_dim=16)),
 }
+# Families whose text decoder transformers ships only inside a vision-language model: the tiny model
+# is that model with the text config above and this (smallest) vision tower, fed text only
+VISION_WRAPPED = {"qwen3_vl_moe": ("Qwen3VLMoeConfig", dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2,
+                                                           out_hidden_size=64, deepstack_visual_indexes=[0]))}
 # Supported on the transformers 5.x layout only (router module + fused experts); on 4.x RoutingPatch
 # refuses their blocks by name (tests/test_families.py checks the refusal there)
-FIVE_X_ONLY = {"deepseek_v3", "glm4_moe", "gpt_oss", "granitemoe", "flex_olmo", "qwen3_next"}
+FIVE_X_ONLY = {"deepseek_v3", "glm4_moe", "gpt_oss", "granitemoe", "flex_olmo", "qwen3_next", "qwen3_5_moe",
+               "qwen3_vl_moe"}
 # Families whose fused experts the compact dispatch cannot read (GPT-OSS: transposed, interleaved, biased)
 COMPACT_UNSUPPORTED = {"gpt_oss"}
 
@@ -82,13 +96,24 @@ def offline_hub(monkeypatch):
 
 def tiny_config(family: str = "olmoe", **overrides):
     import transformers
-    config_class, _, extra = FAMILIES[family]
-    if not hasattr(transformers, config_class):
-        pytest.skip(f"transformers {transformers.__version__} has no {config_class}")
     if family in FIVE_X_ONLY and not TRANSFORMERS_5:
         pytest.skip(f"{family} is supported on the transformers 5.x layout only (have {transformers.__version__}; "
                     "RoutingPatch refuses its 4.x block)")
-    return getattr(transformers, config_class)(**{**COMMON, **extra, **overrides})
+    return family_config(family, **overrides)
+
+
+def family_config(family: str, **overrides):
+    """The family's tiny config in any transformers version (skipped where the version lacks it)."""
+    import transformers
+    config_class, _, extra = FAMILIES[family]
+    if not hasattr(transformers, config_class):
+        pytest.skip(f"transformers {transformers.__version__} has no {config_class}")
+    config = getattr(transformers, config_class)(**{**COMMON, **extra, **overrides})
+    if family in VISION_WRAPPED:
+        wrapper_class, vision = VISION_WRAPPED[family]
+        config = getattr(transformers, wrapper_class)(text_config=config.to_dict(), vision_config=vision,
+                                                      tie_word_embeddings=COMMON["tie_word_embeddings"])
+    return config
 
 
 def tiny_model(family: str = "olmoe", seed: int = 0, experts_implementation: str | None = None, **overrides):

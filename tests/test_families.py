@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import COMMON, COMPACT_UNSUPPORTED, FAMILIES, FIVE_X_ONLY, TRANSFORMERS_5, tiny_inputs, tiny_model
+from conftest import COMPACT_UNSUPPORTED, FAMILIES, FIVE_X_ONLY, TRANSFORMERS_5, family_config, tiny_inputs, tiny_model
 from bh_routing.patching import RoutingPatch, UnsupportedModelError, find_moe_blocks
 
 
@@ -45,7 +45,7 @@ def test_compact_dispatch_computes_only_the_chosen_rows(family):
             *h.chunk(2, dim=-1)))
         block.experts._apply_gate = lambda h: (rows.append(h.shape[0]), gate(h))[1]
         handles = []
-    x = torch.randn(1, 16, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, 16, model.config.get_text_config().hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), RoutingPatch(model, variable(8), layers=[0], dispatch="compact", verbose=False) as patch:
         block(x)
     for handle in handles:
@@ -90,9 +90,6 @@ def test_families_of_the_5x_layout_are_refused_on_4x(family):
     """On 4.x these families' blocks have another layout: patching refuses them, it never routes natively
     in silence."""
     import transformers
-    config_class, model_class, extra = FAMILIES[family]
-    if not hasattr(transformers, config_class):
-        pytest.skip(f"transformers {transformers.__version__} has no {config_class}")
-    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**{**COMMON, **extra})).eval()
+    model = getattr(transformers, FAMILIES[family][1])(family_config(family)).eval()
     with pytest.raises(UnsupportedModelError, match="does not understand|no supported MoE block|not supported"):
         RoutingPatch(model, {"strategy": "topk", "k": 2}, verbose=False)

@@ -306,7 +306,7 @@ def brute_force_block(block, family: str, x: torch.Tensor, config: dict, layer: 
                 out[t] += expert_mlp(block, expert, weight * x[t])
             else:
                 out[t] += weight * expert_mlp(block, expert, x[t])
-    if family in ("qwen2_moe", "qwen3_next"):
+    if family in ("qwen2_moe", "qwen3_next", "qwen3_5_moe"):
         shared = block.shared_expert
         mlp = shared.down_proj.weight @ (F.silu(shared.gate_proj.weight @ x.T) * (shared.up_proj.weight @ x.T))
         out += torch.sigmoid(x @ block.shared_expert_gate.weight.T) * mlp.T
@@ -321,7 +321,7 @@ def test_variable_k_equals_brute_force(family, dispatch):
     model = tiny_model(family)
     block = find_moe_blocks(model)[0].module
     config = variable(min(native_k(model) * 2, 8))
-    hidden = model.config.hidden_size
+    hidden = model.config.get_text_config().hidden_size
     x = torch.randn(2, 9, hidden, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         reference, routing = brute_force_block(block, family, x.reshape(-1, hidden), config)
