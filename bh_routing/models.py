@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .data import hub_endpoint, hub_offline_by_env, hub_reachable
+from .parameters import COUNTED_FAMILIES, Shape, count_parameters  # noqa: F401 (public here)
 
 TINY = "tiny"
 TINY_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny-olmoe"
@@ -72,111 +73,6 @@ def olmoe_1b_7b_config():
         max_position_embeddings=4096, norm_topk_prob=False, tie_word_embeddings=False,
         pad_token_id=1, eos_token_id=50279, rms_norm_eps=1e-5,
     )
-
-
-@dataclass(frozen=True)
-class _Shape:
-    """The sizes that memory depends on, read from any decoder-only HF config."""
-    vocab: int
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    experts: int          # 1 for a dense model
-    top_k: int            # 1 for a dense model
-    tied_embeddings: bool
-    attention_bias: bool
-    max_positions: int | None
-
-    @classmethod
-    def of(cls, config) -> "_Shape":
-        heads = config.num_attention_heads
-        experts = (getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
-                   or getattr(config, "n_routed_experts", None) or 1)
-        return cls(
-            vocab=config.vocab_size, hidden=config.hidden_size,
-            intermediate=getattr(config, "moe_intermediate_size", None) or config.intermediate_size,
-            layers=config.num_hidden_layers, heads=heads,
-            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-            experts=experts, top_k=getattr(config, "num_experts_per_tok", 1) if experts > 1 else 1,
-            tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-            attention_bias=bool(getattr(config, "attention_bias", False)),
-            max_positions=getattr(config, "max_position_embeddings", None),
-        )
-
-
-# model_type -> per-family details of the closed form (every other model_type: a llama-like estimate)
-COUNTED_FAMILIES = ("olmoe", "flex_olmo", "mixtral", "granitemoe", "qwen2_moe", "qwen3_moe", "deepseek_v3",
-                    "glm4_moe", "gpt_oss")
-
-
-def _attention_parameters(config, s: "_Shape") -> int:
-    """One layer's attention: q/k/v/o projections, their biases and the family's q/k norms."""
-    family = getattr(config, "model_type", None)
-    if family == "deepseek_v3":  # multi-head latent attention (low-rank q and kv)
-        qk_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
-        q_rank = getattr(config, "q_lora_rank", None)
-        q = (s.hidden * q_rank + q_rank + q_rank * s.heads * qk_dim) if q_rank else s.hidden * s.heads * qk_dim
-        kv = (s.hidden * (config.kv_lora_rank + config.qk_rope_head_dim) + config.kv_lora_rank
-              + config.kv_lora_rank * s.heads * (config.qk_nope_head_dim + config.v_head_dim))
-        # attention_bias: q_a (not q_proj/q_b), kv_a and o projections
-        bias = ((q_rank or 0) + config.kv_lora_rank + config.qk_rope_head_dim + s.hidden) if s.attention_bias else 0
-        return q + kv + s.heads * config.v_head_dim * s.hidden + bias
-    q_dim, kv_dim = s.heads * s.head_dim, s.kv_heads * s.head_dim
-    weights = s.hidden * (q_dim + 2 * kv_dim) + q_dim * s.hidden
-    if family == "qwen2_moe" or (family == "glm4_moe" and s.attention_bias):
-        weights += q_dim + 2 * kv_dim                  # q, k, v biases (o_proj has none)
-    elif s.attention_bias:
-        weights += q_dim + 2 * kv_dim + s.hidden       # q, k, v and o biases
-    if family in ("olmoe", "flex_olmo"):
-        weights += q_dim + kv_dim                      # q_norm and k_norm over all heads
-    elif family == "qwen3_moe" or (family == "glm4_moe" and getattr(config, "use_qk_norm", False)):
-        weights += 2 * s.head_dim                      # q_norm and k_norm per head
-    if family == "gpt_oss":
-        weights += s.heads                             # attention sinks
-    return weights
-
-
-def _sparse_layers(config, s: "_Shape") -> list[bool]:
-    """Which layers are MoE (True) and which a dense MLP (False)."""
-    if s.experts <= 1:
-        return [False] * s.layers
-    first_dense = getattr(config, "first_k_dense_replace", None) or 0   # DeepSeek-V3, GLM-4-MoE
-    only_mlp = set(getattr(config, "mlp_only_layers", None) or ())      # Qwen2/3-MoE
-    step = getattr(config, "decoder_sparse_step", None) or 1
-    return [i >= first_dense and i not in only_mlp and (i + 1) % step == 0 for i in range(s.layers)]
-
-
-def _moe_parameters(config, s: "_Shape", active: bool) -> int:
-    """One MoE layer: routed experts (top-k of them when ``active``), router, shared experts."""
-    family = getattr(config, "model_type", None)
-    expert = 3 * s.hidden * s.intermediate                            # gate, up, down
-    if family == "gpt_oss":
-        expert += 2 * s.intermediate + s.hidden                       # gate_up and down biases
-    router = s.hidden * s.experts + (s.experts if family == "gpt_oss" else 0)
-    shared = 0
-    if getattr(config, "shared_expert_intermediate_size", None):      # Qwen2-MoE, Qwen3-Next: gated
-        shared = 3 * s.hidden * config.shared_expert_intermediate_size + s.hidden
-    elif getattr(config, "n_shared_experts", None):                   # DeepSeek-V3, GLM-4-MoE
-        shared = 3 * s.hidden * s.intermediate * config.n_shared_experts
-    return (s.top_k if active else s.experts) * expert + router + shared
-
-
-def count_parameters(config, active: bool = False) -> int:
-    """Parameters of a decoder from its config: exact for the families in ``COUNTED_FAMILIES`` (routed
-    and shared experts, dense layers such as DeepSeek's ``first_k_dense_replace``, biases, latent
-    attention), a llama-like estimate for others. ``active=True``: what one token uses (its top-k
-    routed experts; shared experts, router, attention and embeddings all count)."""
-    s = _Shape.of(config)
-    attention = _attention_parameters(config, s)
-    dense_mlp = 3 * s.hidden * config.intermediate_size
-    mlps = sum(_moe_parameters(config, s, active) if sparse else dense_mlp for sparse in _sparse_layers(config, s))
-    per_layer_rest = attention + 2 * s.hidden                         # + two norms
-    embeddings = s.vocab * s.hidden * (1 if s.tied_embeddings else 2)
-    return s.layers * per_layer_rest + mlps + embeddings + s.hidden   # + final norm
 
 
 # --------------------------------------------------------------------------------------------------
@@ -339,7 +235,7 @@ def memory_plan(config, memory_bytes: int, dtype: torch.dtype | str = torch.floa
         dtype = _DTYPE_NAMES[dtype]
     if logits not in ("all", "last"):
         raise ValueError(f"logits must be 'all' or 'last', got {logits!r}")
-    s = _Shape.of(config)
+    s = Shape.of(config)
     size = torch.empty((), dtype=dtype).element_size()
     n_params = count_parameters(config)
 
