@@ -29,6 +29,11 @@ class Shape:
 
     @classmethod
     def of(cls, config) -> "Shape":
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        if text is not config and not hasattr(config, "hidden_size"):
+            raise ValueError(f"{type(config).__name__} is a multimodal config: its text decoder's size is "
+                             "config.get_text_config() (count_parameters / memory_plan on that); the rest of the "
+                             "model (e.g. a vision tower) comes on top")
         heads = config.num_attention_heads
         experts = (getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
                    or getattr(config, "n_routed_experts", None) or 1)

@@ -78,6 +78,13 @@ def test_hybrid_and_interleaved_families_match_their_published_sizes(config_clas
         assert count_parameters(config, active=True) / 1e9 == pytest.approx(active_b, rel=0.02)
 
 
+def test_a_multimodal_config_is_refused_with_where_its_text_decoder_is():
+    config = tiny_model("qwen3_vl_moe").config
+    with pytest.raises(ValueError, match=r"Qwen3VLMoeConfig is a multimodal config: .*get_text_config\(\)"):
+        count_parameters(config)
+    assert count_parameters(config.get_text_config()) > 0
+
+
 def test_a_model_that_cannot_fit_is_refused_with_the_numbers(tmp_path):
     config = transformers.DeepseekV3Config()  # full size; only its config.json exists: nothing is loaded
     config.save_pretrained(tmp_path)
