@@ -65,7 +65,8 @@ FAMILIES = {
                          layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4,
                          linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16)),
     "qwen3_vl_moe": ("Qwen3VLMoeTextConfig", "Qwen3VLMoeForConditionalGeneration",  # text-only inputs
-                     dict(num_experts=16, num_experts_per_tok=4, moe_intermediate_size=32, head_dim=16)),
+                     dict(num_experts=16, num_experts_per_tok=4, moe_intermediate_size=32, head_dim=16,
+                          rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3]})),  # Σ = head_dim / 2
 }
 # Families whose text decoder transformers ships only inside a vision-language model: the tiny model
 # is that model with the text config above and this (smallest) vision tower, fed text only

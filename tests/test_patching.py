@@ -98,7 +98,9 @@ def test_output_router_logits_still_returned(family):
     before = forward_attributes(model)
     k = native_k(model)
     with torch.no_grad():
-        reference = model(input_ids, attention_mask=mask, output_router_logits=True).router_logits
+        reference = getattr(model(input_ids, attention_mask=mask, output_router_logits=True), "router_logits", None)
+        if reference is None:  # e.g. Llama-4 in transformers 4.57
+            pytest.skip(f"{family}: this transformers' model returns no router_logits, patched or not")
         with RoutingPatch(model, {"strategy": "topk", "k": k}, verbose=False):
             same = model(input_ids, attention_mask=mask, output_router_logits=True).router_logits
         with RoutingPatch(model, variable(min(2 * k, 8)), verbose=False):
