@@ -37,7 +37,7 @@ if not fnmatch.fnmatch(transformers.__version__, sys.argv[1]):
     sys.exit(f"compat: wanted transformers {sys.argv[1]}, the venv has {transformers.__version__}")
 PY
 
-TESTS=(tests/test_patching.py tests/test_recording.py tests/test_families.py)
+TESTS=(tests/test_patching.py tests/test_recording.py tests/test_families.py tests/test_family_llama4.py)
 for cheap in tests/test_selection.py tests/test_pvalues.py; do
   [ -f "$ROOT/$cheap" ] && TESTS+=("$cheap")
 done

@@ -12,6 +12,17 @@ from bh_routing.patching import RoutingPatch, collect_router_logits, find_moe_bl
 from bh_routing.pvalues import Calibration
 
 
+def native_router_logits(model, input_ids) -> torch.Tensor:
+    """The first MoE block's router logits [T, E] from the router's own call on an unpatched forward
+    (its second output; transformers 4.57's Llama-4 has no output_router_logits)."""
+    captured = []
+    handle = find_moe_blocks(model)[0].router.register_forward_hook(lambda m, args, out: captured.append(out[1]))
+    with torch.no_grad():
+        model(input_ids)
+    handle.remove()
+    return captured[0]
+
+
 def token_batches(count: int, seed: int, batch: int = 8, length: int = 32):
     generator = torch.Generator().manual_seed(seed)
     return [torch.randint(3, 128, (batch, length), generator=generator) for _ in range(count)]
@@ -43,10 +54,9 @@ def test_adaptive_strategies_mix_with_the_sigmoid_of_each_chosen_logit(config, w
     convention at k = 1); renormalize=True and topk_uniform change that on request."""
     model = tiny_model("llama4")
     input_ids = token_batches(1, seed=1, batch=2, length=9)[0]
-    with torch.no_grad():
-        router_logits = model(input_ids, output_router_logits=True).router_logits[0]  # [T, E], native
-        with RoutingPatch(model, config, verbose=False) as patch:
-            model(input_ids)
+    router_logits = native_router_logits(model, input_ids)  # [T, E]
+    with torch.no_grad(), RoutingPatch(model, config, verbose=False) as patch:
+        model(input_ids)
     arrays = patch.recorder.arrays()
     counts = arrays["count"][0]
     for t in range(router_logits.shape[0]):
@@ -69,9 +79,8 @@ def test_bh_on_empirical_pvalues_calibrated_on_the_router_logits():
     model = tiny_model("llama4")
     calibration_batches, held_out = token_batches(8, seed=2), token_batches(4, seed=3)
     collected = collect_router_logits(model, calibration_batches)
-    with torch.no_grad():
-        native = model(calibration_batches[0], output_router_logits=True).router_logits
-    assert torch.equal(collected[0][:native[0].shape[0]], native[0])  # the router's own logits
+    native = native_router_logits(model, calibration_batches[0])
+    assert torch.equal(collected[0][:native.shape[0]], native)  # the router's own logits
     calibration = Calibration.from_router_logits(collected, top_k=find_moe_blocks(model)[0].top_k)
 
     # held-out: P(p <= q) of non-routed experts against q (each expert's null: its logits where it was not top-1)
