@@ -26,11 +26,11 @@
 # 2. why naive p-values fail, on the model's own logits; the calibration's held-out quality per layer
 #    and expert
 # 3. the four p-value models compared: α ↦ experts, per layer
-# 4. a baseline test on 3 prompts
-# 5. α sensitivity (8 values) and temperature where it means something: T of the `softmax` p-values
+# 4. a baseline test on the baseline prompts (3 by default)
+# 5. α sensitivity (8 values by default) and temperature where it means something: T of the `softmax` p-values
 #    and T of the mixing weights at a fixed selection (5 values each), with perplexity
 # 6. token-level expert counts
-# 7. a comparative analysis on 10 prompts: paired t-test, Wilcoxon, Cohen's d, 95 % CI (unit = prompt)
+# 7. a comparative analysis on the comparison prompts (10): paired t-test, Wilcoxon, Cohen's d, 95 % CI (unit = prompt)
 # 8. expert utilisation
 # 9. the max_k × α grid and its four plots
 # 10. patch vs analyze mode: analyze changes no output
@@ -168,7 +168,7 @@ dd.show_calibration_quality(session, held_out, calibration)
 dd.show_alpha_map(session, held_out, calibration, ALPHAS, PVALUE_MODELS, PVALUES)
 
 # %% [markdown]
-# ## 4 · Baseline test on 3 prompts
+# ## 4 · Baseline test on the baseline prompts
 #
 # Each prompt teacher-forced under native top-8 and under BH (patch mode: the model really runs with
 # BH's experts), then continued greedily. `nll`: mean negative log-likelihood per prompt token.
@@ -181,13 +181,13 @@ bh_base = dd.score_prompts(model, tokenizer, baseline_prompts, BH, calibration,
 baseline = dd.show_baseline(session, native_base, bh_base)
 
 # %% [markdown]
-# ## 5 · α sensitivity (8 values) and temperature sensitivity (7 values)
+# ## 5 · α and temperature sensitivity: the sweep
 #
-# The deep-dive sweep, in patch mode on WikiText-2 (the budget's articles): native top-8; BH with each
-# p-value model at 8 values of α; BH on `softmax` p-values at 5 temperatures; BH (`empirical`, α = 0.05) with
-# the mixing weights at 5 temperatures; BH over max_k × α
-# (section 9) and top-k at k = 16, 32, 64. Each finished run is checkpointed in the results folder:
-# re-running resumes.
+# The deep-dive sweep, in patch mode on WikiText-2 (the budget's articles), built from the parameters:
+# native top-8; BH with each of `PVALUE_MODELS` at every α of `ALPHAS`; BH on `softmax` p-values at
+# each of `TEMPERATURES`; BH (`empirical`, α = 0.05) with the mixing weights at each of
+# `WEIGHTS_TEMPERATURES`; BH over `GRID_ALPHAS` × `MAX_KS` (section 9) and top-k at each of `TOPK_KS`.
+# Each finished run is checkpointed in the results folder: re-running resumes.
 
 # %%
 runs = ex.bh_deep_dive(session.budget, alphas=ALPHAS, pvalues=PVALUE_MODELS,
@@ -213,12 +213,12 @@ dd.show_temperatures(session, sweep, ALPHA)
 dd.show_token_counts(session, bh_base, baseline_prompts[2]["id"])
 
 # %% [markdown]
-# ## 7 · Comparative analysis on 10 prompts
+# ## 7 · Comparative analysis on the comparison prompts
 #
-# Native top-8 vs BH on the ten comparison prompts, paired by prompt: mean experts per token and
-# layer (native's 8 is fixed by its configuration: shown, not tested), and NLL per token: paired
-# t-test, Wilcoxon signed-rank, Cohen's d_z with its CI, and the 95 % CI of the mean difference
-# (BH − native). Ten prompts are ten pairs: read the intervals, not just p.
+# Native top-8 vs BH on the comparison prompts (ten by default), paired by prompt: mean experts per
+# token and layer (native's 8 is fixed by its configuration: shown, not tested), and NLL per token:
+# paired t-test, Wilcoxon signed-rank, Cohen's d_z with its CI, and the 95 % CI of the mean
+# difference (BH − native). Ten prompts are ten pairs: read the intervals, not just p.
 
 # %%
 native_cmp = dd.score_prompts(model, tokenizer, comparison_prompts, NATIVE, label="native top-8")
@@ -227,13 +227,13 @@ bh_cmp = dd.score_prompts(model, tokenizer, comparison_prompts, BH, calibration,
 tests = dd.show_comparison(session, native_cmp, bh_cmp)
 
 # %% [markdown]
-# ## 8 · Expert utilisation: native vs BH (the 10 prompts)
+# ## 8 · Expert utilisation: native vs BH (the comparison prompts)
 
 # %%
 dd.show_utilisation(session, native_cmp, bh_cmp, model.config.num_experts)
 
 # %% [markdown]
-# ## 9 · max_k ∈ {8, 16, 32, 64} × α ∈ {0.01, 0.05, 0.10}
+# ## 9 · The max_k × α grid
 #
 # Does BH want more than 8 experts when allowed? Mean experts and word perplexity over the grid, the
 # share of tokens at the ceiling, and BH against top-k at k = max_k.
