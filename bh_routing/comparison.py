@@ -86,3 +86,26 @@ def matched_knobs(runs) -> pd.DataFrame:
                           "achieved on calibration": r.routing["calibrated"]["achieved_k"],
                           r.routing["calibrated"]["knob"]: r.routing[r.routing["calibrated"]["knob"]]}
                          for r in runs if "calibrated" in r.routing])
+
+
+def show_matched_runs(session, runs: Sequence["ex.Run"], calibration, calibration_logits, targets) -> list["ex.Run"]:
+    """Matched compute (notebook 03): the knob (α, p, τ, β) giving each target mean k on (a seeded
+    subsample of) the calibration text, shown as a table; returns the runs new to ``runs``."""
+    from .bh_diagnostics import subsample
+    from .session import MATCHED_SEARCH_TOKENS
+    search = [logits.to(session.device) for logits in
+              subsample(calibration_logits, MATCHED_SEARCH_TOKENS[session.budget_name], session.seed)]
+    matched = new_runs(runs, ex.matched_compute(session.budget, search, calibration, ("wikitext",), targets))
+    session.table(matched_knobs(matched), "Matched compute: the knobs", digits=4)
+    return matched
+
+
+def show_matched(session, report) -> pd.DataFrame:
+    """The matched-compute table of a sweep's report (CSV and figure; descriptive)."""
+    from .routing_plots import plot_matched_compute
+    matched = matched_table(report.ok)
+    if len(matched):
+        session.table(matched, "Matched compute (WikiText, descriptive)", digits=4, csv="matched_compute")
+        session.figure(plot_matched_compute(matched, subtitle=session.subtitle), "matched_compute",
+                       "Matched compute: each strategy at its target k̄ beside top-k (descriptive).")
+    return matched

@@ -65,22 +65,14 @@ def write_report(path: str | os.PathLike, title: str, session: Session | None, b
     return path
 
 
-def first_alpha_reaching(curve: pd.DataFrame, target: float, value: str = "mean_experts") -> pd.DataFrame:
-    """Per p-value model: the smallest α of the grid whose layer-mean ``value`` reaches ``target``
-    (NaN when no α does), and the value there."""
-    means = curve.groupby(["pvalues", "alpha"], sort=True)[value].mean().reset_index()
-    rows = []
-    for model, frame in means.groupby("pvalues", sort=False):
-        hit = frame[frame[value] >= target]
-        rows.append({"pvalues": model, "target": target, "alpha": float(hit["alpha"].iloc[0]) if len(hit) else np.nan,
-                     value: float(hit[value].iloc[0]) if len(hit) else float(frame[value].max())})
-    return pd.DataFrame(rows)
+def as_markdown(text: str | Sequence[str]) -> str:
+    """Markdown text; a list becomes bullet points."""
+    return text if isinstance(text, str) else "\n".join(f"- {line}" for line in text)
 
 
 def display_markdown(text: str | Sequence[str]) -> None:
     """Render Markdown in a notebook (printed elsewhere). A list becomes bullet points."""
-    if not isinstance(text, str):
-        text = "\n".join(f"- {line}" for line in text)
+    text = as_markdown(text)
     try:
         from IPython.display import Markdown, display
         display(Markdown(text))

@@ -109,6 +109,9 @@ class Session:
     plan_error: str | None = None
     started: float = field(default_factory=time.time)
     figures: list = field(default_factory=list)  # (png name, caption), for the report
+    blocks: list = field(default_factory=list)  # Markdown shown by say/table, for the report, in order
+    lead_blocks: list = field(default_factory=list)  # ... said with lead=True: the report's top
+    kept: dict = field(default_factory=dict)  # values for the summary JSON (keep)
 
     @property
     def budget(self) -> "ex.Budget":
@@ -204,18 +207,44 @@ class Session:
         _markdown(f"**Model:** {describe_model(self.model_id)}. Every number below is about this model.")
         return model, tokenizer
 
-    def finish(self, summary_name: str, summary: dict, title: str | None = None,
-               blocks: list[str] = (), report_name: str = "RESULTS.md") -> Path:
-        """Write ``summary`` (with the session and its seconds) as JSON, a Markdown report of
-        ``blocks`` and the registered figures when ``title`` is given, and zip the folder; returns
-        the zip."""
-        from .notebook_support import write_json, write_report, zip_folder
-        write_json(self.folder / summary_name,
-                   {"session": self.describe(), **summary, "seconds": round(self.elapsed, 1)})
-        if title is not None:
-            write_report(self.folder / report_name, title, self, list(blocks))
+    def say(self, text: str | list[str], heading: str | None = None, lead: bool = False) -> None:
+        """Show Markdown (a list: bullet points) and keep it, under ``heading``, for the report (at its
+        top with ``lead``, e.g. a summary computed last)."""
+        from .notebook_support import as_markdown, display_markdown
+        text = as_markdown(text)
+        display_markdown(text)
+        (self.lead_blocks if lead else self.blocks).append(f"## {heading}\n\n{text}" if heading else text)
+
+    def table(self, frame: pd.DataFrame, heading: str | None = None, columns=None, digits: int = 4,
+              csv: str | None = None) -> pd.DataFrame:
+        """Show ``frame`` as a Markdown table (``columns`` of it, floats to ``digits`` significant
+        digits), keep it for the report under ``heading``, and save all of it as ``<csv>.csv`` in
+        the results folder when ``csv`` is given; returns ``frame``."""
+        from .notebook_support import markdown_table
+        if csv:
+            frame.to_csv(self.folder / f"{csv}.csv", index=False)
+        self.say(markdown_table(frame, columns, digits=digits), heading)
+        return frame
+
+    def keep(self, **values) -> None:
+        """Values for the summary JSON that :meth:`finish` writes (tables as lists of records)."""
+        self.kept.update({key: value.to_dict("records") if isinstance(value, pd.DataFrame) else value
+                          for key, value in values.items()})
+
+    def finish(self, summary_name: str | None = None, title: str | None = None,
+               report_name: str = "RESULTS.md") -> Path:
+        """Write what was kept (with the session and its seconds) as JSON ``summary_name``, a Markdown
+        report ``report_name`` of what was said, shown as tables and registered as figures (when
+        ``title`` is given), zip the folder and, on Colab, download the zip; returns the zip."""
+        from .notebook_support import offer_download, write_json, write_report, zip_folder
+        if summary_name:
+            write_json(self.folder / summary_name,
+                       {"session": self.describe(), **self.kept, "seconds": round(self.elapsed, 1)})
+        if title:
+            write_report(self.folder / report_name, title, self, self.lead_blocks + self.blocks)
         archive = zip_folder(self.folder)
         print(f"{len(self.figures)} figures -> {archive}; notebook {self.notebook} took {self.elapsed:.0f} s")
+        print(offer_download(archive))  # a browser download on Colab; elsewhere where the zip is
         return archive
 
 
@@ -261,7 +290,8 @@ def load_or_calibrate(session: Session, model, tokenizer, need_logits: bool = Fa
     calibration tokens, else a fresh calibration pass (:func:`bh_routing.experiments.calibrate`),
     saved there. ``need_logits``: also return the
     calibration pass's per-layer router logits (matched compute searches its knobs on them) —
-    re-collected on the same held-out windows when the calibration was loaded."""
+    re-collected on the same held-out windows when the calibration was loaded. ``how`` is shown
+    and kept, with the calibration's metadata, for the notebook's report and summary JSON."""
     from .patching import collect_router_logits
     from .pvalues import Calibration, CalibrationMismatchError
     path = session.calibration_path
@@ -280,14 +310,21 @@ def load_or_calibrate(session: Session, model, tokenizer, need_logits: bool = Fa
                 windows = ex.calibration_windows(tokenizer, 512, int(meta["tokens"]))
                 batches = [w.to(device) for w in progress_bar(windows, progress, "calibration logits", "window")]
                 logits = collect_router_logits(model, batches, max_tokens=int(meta["tokens"]))
-            return calibration, logits, f"loaded from {path} ({meta['tokens']:,} tokens, {meta['data']})"
+            return _kept(session, calibration, logits,
+                         f"loaded from {path} ({meta['tokens']:,} tokens, {meta['data']})")
     started = time.time()
     calibration, logits = ex.calibrate(model, tokenizer, max_tokens=session.calibration_tokens,
                                        model_id=session.model_id)
     calibration.save(path)
     how = (f"calibrated now on {calibration.metadata['tokens']:,} tokens of {calibration.metadata['data']} "
            f"in {time.time() - started:.0f} s, saved to {path}")
-    return calibration, (logits if need_logits else None), how
+    return _kept(session, calibration, logits if need_logits else None, how)
+
+
+def _kept(session: Session, calibration, logits, how: str):
+    session.say(f"**Calibration** {how}.")
+    session.keep(calibration={"file": str(session.calibration_path), "how": how, **calibration.metadata})
+    return calibration, logits, how
 
 
 def calibration_summary(calibration) -> pd.DataFrame:

@@ -46,8 +46,8 @@
 
 # %% tags=["parameters"]
 # Parameters: edit, then Runtime -> Run all. Papermill injects its values in a cell after this one.
-MODEL = "auto"   # "auto": OLMoE-1B-7B on a GPU, the tiny bundled OLMoE on CPU; "tiny", hub id, folder
-BUDGET = "auto"  # "auto": "colab" on a GPU, "demo" on CPU; or "smoke" (seconds), "demo", "colab", "full"
+MODEL = "auto"   # "auto": OLMoE-1B-7B on GPU, bundled tiny OLMoE on CPU; "tiny", hub id, folder
+BUDGET = "auto"  # "auto": "colab" on GPU, "demo" on CPU; "smoke" (seconds), "demo", "colab", "full"
 OUT = "auto"     # results root of 01-03; "auto": Drive (DRIVE), /content (Colab), results/notebooks
 DRIVE = False    # Colab: results *and* the Hugging Face cache on Google Drive (survive reconnects)
 SEED = 0
@@ -71,8 +71,8 @@ REPO_URL = "https://github.com/bh-routing/bh_routing"  # the install source when
 # matrix products) — and memory comes from `bh_routing.models.memory_plan`.
 
 # %%
-# Install: an uploaded wheel/zip (/content or, with DRIVE, MyDrive) first, then REPO_URL
-import glob, importlib, importlib.util, os, subprocess, sys
+# Install bh_routing if missing: an uploaded wheel/zip (also MyDrive with DRIVE), else REPO_URL
+import glob, importlib.util, os, subprocess, sys
 if importlib.util.find_spec("bh_routing") is None:  # pip keeps the runtime's torch (torch>=2.1)
     if DRIVE and "google.colab" in sys.modules:
         from google.colab import drive
@@ -80,10 +80,9 @@ if importlib.util.find_spec("bh_routing") is None:  # pip keeps the runtime's to
     uploads = [path for folder in (".", "/content/drive/MyDrive") for ext in ("whl", "zip")
                for path in sorted(glob.glob(f"{folder}/bh_routing*.{ext}"))]
     for source in uploads[:1] + [f"git+{REPO_URL}"]:
-        pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", source],
-                             capture_output=True, text=True,
-                             env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})  # never ask
-        print(f"pip install {source}: " + ("done" if pip.returncode == 0 else pip.stderr[-400:]))
+        pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", source], text=True,
+                             capture_output=True, env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
+        print(f"pip install {source}:", pip.stderr[-400:] if pip.returncode else "done")
         if pip.returncode == 0:
             break
     else:
@@ -98,15 +97,10 @@ if importlib.util.find_spec("bh_routing") is None:  # pip keeps the runtime's to
 # %%
 from bh_routing import runtime
 runtime.use_drive(DRIVE)  # before transformers is imported: HF_HOME on Drive
-import numpy as np
-import pandas as pd
 from IPython.display import display
-from bh_routing import analysis, evaluation as ev, plots, report
-from bh_routing import session as sessions, native_routing as native, routing_plots as rplots
-from bh_routing.notebook_support import display_markdown, markdown_table, offer_download
+from bh_routing import baseline as bl, session as sessions
 
 session = sessions.start_session("01", model=MODEL, budget=BUDGET, out=OUT, seed=SEED, drive=DRIVE)
-FOLDER = session.folder
 display(session)
 
 # %%
@@ -122,20 +116,13 @@ model, tokenizer = session.load_model()  # prints the memory plan it checked
 # biomedical, math and code). For every token and MoE layer we keep the router logits (float32).
 
 # %%
-texts = native.text_sources(session.sample_tokens)
-sample = native.record_native_routing(model, tokenizer, texts, max_length=512,
-                                      max_tokens_per_source=session.sample_tokens,
-                                      batch_size=session.batch_size(512))
-stats = native.routing_statistics(sample)
-display_markdown(native.describe_sample(sample))
+sample = bl.record(session, model, tokenizer)  # native routing on every text source
 
 # %% [markdown]
 # ## 2 · Router-logit distributions per layer
 
 # %%
-session.figure(rplots.plot_logit_distributions(sample, session.subtitle), "router_logits",
-               "Router logits (all experts vs the top-1) and the top-1 probability per layer.")
-display_markdown(native.describe_logits(sample, stats))
+stats = bl.show_router_logits(session, sample)
 
 # %% [markdown]
 # ## 3 · Per-layer statistics
@@ -147,48 +134,31 @@ display_markdown(native.describe_logits(sample, stats))
 # `dead_experts`: load balance over the 64 experts.
 
 # %%
-columns = ["layer", "max_weight_mean", "max_weight_median", "entropy_nats", "entropy_norm", "topk_mass",
-           "mass_left_out", "top_expert", "top_expert_usage", "top1_expert", "top1_share", "load_cv",
-           "load_gini", "dead_experts"]
-display_markdown(markdown_table(stats, columns, digits=3))
-stats.to_csv(FOLDER / "baseline_routing_stats.csv", index=False)
+bl.show_layer_statistics(session, stats)
 
 # %% [markdown]
 # ## 4 · Expert usage: layer × expert
 
 # %%
-usage = native.expert_usage(sample)  # [layers, experts] tokens routed (native top-8)
-session.figure(plots.plot_expert_utilization(usage, subtitle=session.subtitle), "expert_usage_heatmap",
-               "Expert usage per layer, relative to the layer's mean load (1 = uniform, 0 = never chosen).")
-display_markdown(native.describe_usage(usage, sample.num_tokens))
+bl.show_usage(session, sample)
 
 # %% [markdown]
 # ## 5 · Routing entropy across layers
 
 # %%
-session.figure(rplots.plot_entropy_across_layers(sample, session.subtitle), "entropy_across_layers",
-               "Normalised routing entropy per layer (median and bands over tokens) and the mean top-1 "
-               "probability.")
-display_markdown(native.describe_entropy(stats))
+bl.show_entropy(session, sample, stats)
 
 # %% [markdown]
 # ## 6 · Weight concentration: mass in the top-1/2/4/8
 
 # %%
-conc = native.concentration(sample, ks=(1, 2, 4, 8))
-session.figure(rplots.plot_concentration(conc, session.subtitle), "weight_concentration",
-               "Share of the routing mass in the top-1/2/4/8 experts per layer (dotted: uniform router).")
-table = conc.pivot(index="layer", columns="k", values="mass")
-table = table.rename(columns=lambda k: f"top-{k} mass").reset_index()
-display_markdown(markdown_table(table, digits=3))
+concentration = bl.show_concentration(session, sample, ks=(1, 2, 4, 8))
 
 # %% [markdown]
 # ## 7 · Top-8 probability mass left out
 
 # %%
-session.figure(rplots.plot_mass_left_out(sample, session.subtitle), "mass_left_out",
-               "Routing probability mass outside the native top-8, per layer.")
-display_markdown(native.describe_mass_left_out(stats, sample.top_k))
+bl.show_mass_left_out(session, sample, stats)
 
 # %% [markdown]
 # ## 8 · Co-activation within a layer
@@ -197,15 +167,7 @@ display_markdown(native.describe_mass_left_out(stats, sample.top_k))
 # and the pairs chosen together most beyond chance (lift = P(both) / (P(i)·P(j)); 1 = independent).
 
 # %%
-layer = sample.num_layers // 2
-jaccard = analysis.coactivation(sample.native_indices()[layer], sample.num_experts, normalize="jaccard")[0]
-np.fill_diagonal(jaccard, np.nan)
-title = f"Expert co-activation (Jaccard), layer {layer}"
-session.figure(plots.plot_coactivation(jaccard, subtitle=session.subtitle, title=title), "coactivation",
-               "Expert co-activation (Jaccard) in the middle layer.")
-pairs = native.coactivation_pairs(sample, layer, n=10)
-pairs.to_csv(FOLDER / "coactivation_pairs.csv", index=False)
-display_markdown(markdown_table(pairs, digits=3) + "\n" + native.describe_pairs(pairs, layer))
+bl.show_coactivation(session, sample)
 
 # %% [markdown]
 # ## 9 · Expert usage per kind of text (specialisation)
@@ -216,17 +178,7 @@ display_markdown(markdown_table(pairs, digits=3) + "\n" + native.describe_pairs(
 # (layer, expert, source) triples.
 
 # %%
-MIN_SOURCE_TOKENS = min(256, session.sample_tokens // 2)  # the text corpora, not the short prompt groups
-spec = native.domain_specialisation(sample, min_tokens=MIN_SOURCE_TOKENS, seed=session.seed)
-spec.to_csv(FOLDER / "domain_specialisation.csv", index=False)
-session.figure(rplots.plot_specialisation(spec, session.subtitle), "specialisation",
-               "Mutual information between text source and chosen expert per layer, with chance level.")
-best = int(spec.loc[spec["mi_bits"].idxmax(), "layer"])
-usage_by_source = native.domain_usage(sample, best, min_tokens=MIN_SOURCE_TOKENS)
-session.figure(rplots.plot_domain_usage(usage_by_source, best, session.subtitle), "domain_usage",
-               "Per-source expert usage in the most specialised layer (log2 lift over all text).")
-specific = native.specialised_experts(sample, n=10, min_tokens=MIN_SOURCE_TOKENS)
-display_markdown(markdown_table(specific, digits=3) + "\n" + native.describe_specialisation(spec, specific))
+specialisation = bl.show_specialisation(session, sample)
 
 # %% [markdown]
 # ## 10 · Token-level view of three prompts
@@ -234,13 +186,7 @@ display_markdown(markdown_table(specific, digits=3) + "\n" + native.describe_spe
 # Per token and layer: the top-1 probability (colour) and the top-1 expert (number).
 
 # %%
-token_views = native.token_views(sample, tokenizer, ("prompt: simple", "prompt: complex", "prompt: code"))
-token_views.to_csv(FOLDER / "token_view.csv", index=False)
-for name, view in token_views.groupby("source", sort=False):
-    session.figure(rplots.plot_token_view(view, subtitle=f"{session.subtitle} · {name}"),
-                   f"token_view_{name.split(': ')[1]}",
-                   "Token-level routing: top-1 probability and top-1 expert per token and layer.")
-display_markdown(native.describe_token_views(token_views))
+bl.show_token_views(session, sample, tokenizer)
 
 # %% [markdown]
 # ## 11 · Calibration for BH's p-values (used by notebooks 02 and 03)
@@ -252,11 +198,7 @@ display_markdown(native.describe_token_views(token_views))
 # give is 1/(n+1): BH can select an expert on its own only if that is ≤ α/64.
 
 # %%
-calibration, _, how = sessions.load_or_calibrate(session, model, tokenizer)
-print(how)
-calibration_table = sessions.calibration_summary(calibration)
-display_markdown(markdown_table(calibration_table, digits=3))
-display_markdown(sessions.describe_calibration(calibration, calibration_table))
+calibration = bl.show_calibration(session, model, tokenizer)  # shared with notebooks 02 and 03
 
 # %% [markdown]
 # ## 12 · The model as a language model: held-out text of four domains
@@ -267,20 +209,13 @@ display_markdown(sessions.describe_calibration(calibration, calibration_table))
 # model; for any other model it is plain text of four kinds.
 
 # %%
-max_length = min(1024, ev.resolve_max_length(model, tokenizer))
-domain_result = ev.evaluate(model, tokenizer, "domains", max_length=max_length)
-domain_table = report.per_domain(domain_result)
-display_markdown(markdown_table(domain_table, digits=4))
-perplexity = domain_result.metrics["token_perplexity"]
-display_markdown(native.describe_domains(perplexity, domain_table, sample.top_k))
+bl.show_domains(session, model, tokenizer, sample.top_k)
 
 # %% [markdown]
 # ## 13 · Key observations (computed from this run)
 
 # %%
-observations = native.describe_baseline(stats, conc, spec, sample.num_experts, sample.top_k,
-                                        model_id=session.model_id)
-display_markdown(observations)
+bl.show_observations(session, sample, stats, concentration, specialisation)
 
 # %% [markdown]
 # ## Next steps
@@ -298,19 +233,5 @@ display_markdown(observations)
 # The cell zips it and, on Colab, downloads the zip (elsewhere it says where the zip is).
 
 # %%
-conc.to_csv(FOLDER / "weight_concentration.csv", index=False)
-pd.DataFrame(usage).add_prefix("expert_").rename_axis("layer").to_csv(FOLDER / "expert_usage.csv")
-calibration_table.to_csv(FOLDER / "calibration_summary.csv", index=False)
-summary = {"tokens": sample.num_tokens, "observations": observations, "per_layer": stats.to_dict("records"),
-           "specialisation": spec.to_dict("records"),
-           "calibration": {"file": str(session.calibration_path), **calibration.metadata}}
-blocks = ["## Key observations", "\n".join(f"- {line}" for line in observations)] + [
-    f"## {title}\n\n{markdown_table(frame, digits=4)}" for title, frame in [
-        ("Per-layer statistics", stats), ("Weight concentration", table), ("Co-activation", pairs),
-        ("Specialisation by text source", spec), ("Most specific experts", specific),
-        ("Held-out domain text", domain_table), ("Calibration: " + how, calibration_table)]]
-archive = session.finish("baseline_summary.json", summary, "OLMoE baseline routing (notebook 01)", blocks,
-                         report_name="BASELINE_REPORT.md")
-
-# %%
-print(offer_download(archive))  # a browser download on Colab; skipped elsewhere
+session.finish("baseline_summary.json", "OLMoE baseline routing (notebook 01)",
+               report_name="BASELINE_REPORT.md")

@@ -26,11 +26,11 @@
 # 2. why naive p-values fail, on the model's own logits; the calibration's held-out quality per layer
 #    and expert
 # 3. the four p-value models compared: α ↦ experts, per layer
-# 4. a baseline test on 3 prompts
-# 5. α sensitivity (8 values) and temperature where it means something: T of the `softmax` p-values
+# 4. a baseline test on the baseline prompts (3 by default)
+# 5. α sensitivity (8 values by default) and temperature where it means something: T of the `softmax` p-values
 #    and T of the mixing weights at a fixed selection (5 values each), with perplexity
 # 6. token-level expert counts
-# 7. a comparative analysis on 10 prompts: paired t-test, Wilcoxon, Cohen's d, 95 % CI (unit = prompt)
+# 7. a comparative analysis on the comparison prompts (10): paired t-test, Wilcoxon, Cohen's d, 95 % CI (unit = prompt)
 # 8. expert utilisation
 # 9. the max_k × α grid and its four plots
 # 10. patch vs analyze mode: analyze changes no output
@@ -48,13 +48,13 @@
 
 # %% tags=["parameters"]
 # Parameters: edit, then Runtime -> Run all. Papermill injects its values in a cell after this one.
-MODEL = "auto"   # "auto": OLMoE-1B-7B on a GPU, the tiny bundled OLMoE on CPU; "tiny", hub id, folder
-BUDGET = "auto"  # "auto": "colab" on a GPU, "demo" on CPU; or "smoke" (seconds), "demo", "colab", "full"
+MODEL = "auto"   # "auto": OLMoE-1B-7B on GPU, bundled tiny OLMoE on CPU; "tiny", hub id, folder
+BUDGET = "auto"  # "auto": "colab" on GPU, "demo" on CPU; "smoke" (seconds), "demo", "colab", "full"
 OUT = "auto"     # results root of 01-03; "auto": Drive (DRIVE), /content (Colab), results/notebooks
 DRIVE = False    # Colab: results *and* the Hugging Face cache on Google Drive (survive reconnects)
 SEED = 0
 REPO_URL = "https://github.com/bh-routing/bh_routing"  # the install source when nothing is uploaded
-INTERACTIVE = "auto"   # sliders at the end: "auto" = only where a person is looking (never headless)
+INTERACTIVE = "auto"   # sliders at the end; "auto": only where a person is looking
 ALPHA = 0.05           # BH level of the single-configuration sections
 PVALUES = "empirical"  # their p-value model: "empirical", "pooled", "zscore", "softmax"
 PVALUE_MODELS = ("softmax", "pooled", "empirical", "zscore")  # compared over ALPHAS
@@ -83,8 +83,8 @@ BASELINE_PROMPTS, COMPARISON_PROMPTS = "baseline", "comparison"  # prompt sets (
 # matrix products) — and memory comes from `bh_routing.models.memory_plan`.
 
 # %%
-# Install: an uploaded wheel/zip (/content or, with DRIVE, MyDrive) first, then REPO_URL
-import glob, importlib, importlib.util, os, subprocess, sys
+# Install bh_routing if missing: an uploaded wheel/zip (also MyDrive with DRIVE), else REPO_URL
+import glob, importlib.util, os, subprocess, sys
 if importlib.util.find_spec("bh_routing") is None:  # pip keeps the runtime's torch (torch>=2.1)
     if DRIVE and "google.colab" in sys.modules:
         from google.colab import drive
@@ -92,10 +92,9 @@ if importlib.util.find_spec("bh_routing") is None:  # pip keeps the runtime's to
     uploads = [path for folder in (".", "/content/drive/MyDrive") for ext in ("whl", "zip")
                for path in sorted(glob.glob(f"{folder}/bh_routing*.{ext}"))]
     for source in uploads[:1] + [f"git+{REPO_URL}"]:
-        pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", source],
-                             capture_output=True, text=True,
-                             env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})  # never ask
-        print(f"pip install {source}: " + ("done" if pip.returncode == 0 else pip.stderr[-400:]))
+        pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", source], text=True,
+                             capture_output=True, env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
+        print(f"pip install {source}:", pip.stderr[-400:] if pip.returncode else "done")
         if pip.returncode == 0:
             break
     else:
@@ -110,26 +109,19 @@ if importlib.util.find_spec("bh_routing") is None:  # pip keeps the runtime's to
 # %%
 from bh_routing import runtime
 runtime.use_drive(DRIVE)  # before transformers is imported: HF_HOME on Drive
-
-import numpy as np
-import pandas as pd
 from IPython.display import display
-from bh_routing import analysis, experiments as ex, plots, report
-from bh_routing import session as sessions, native_routing as native, bh_diagnostics as bhd
-from bh_routing import routing_plots as rplots, notebook_support as nbs
+from bh_routing import deep_dive as dd, experiments as ex, session as sessions
 from bh_routing.data import prompt_set
-from bh_routing.validity import calibration_quality
 
 session = sessions.start_session("02", model=MODEL, budget=BUDGET, out=OUT, seed=SEED, drive=DRIVE)
-FOLDER = session.folder
 display(session)
 
 # %%
 model, tokenizer = session.load_model()  # prints the memory plan it checked
-calibration, _, how = sessions.load_or_calibrate(session, model, tokenizer)
-print("calibration:", how)
+calibration, _, _ = sessions.load_or_calibrate(session, model, tokenizer)  # made by 01, or now
 BH = {"strategy": "bh", "alpha": ALPHA, "pvalues": PVALUES, "max_k": 8}
 NATIVE = {"strategy": "topk", "k": 8}
+baseline_prompts, comparison_prompts = prompt_set(BASELINE_PROMPTS), prompt_set(COMPARISON_PROMPTS)
 
 # %% [markdown]
 # ## 1 · BH explained on one real token
@@ -139,24 +131,8 @@ NATIVE = {"strategy": "topk", "k": 8}
 # earlier ones are above it (step-up). The router then clamps the count to [min_k, max_k] = [1, 8].
 
 # %%
-baseline_prompts = prompt_set(BASELINE_PROMPTS)
-one = native.record_native_routing(model, tokenizer, {"prompt": [baseline_prompts[2]["prompt"]]}, progress=False)
-layer = one.num_layers // 2
-token = one.num_tokens - 1
-explanation = bhd.bh_explain(one.logits[layer][token], layer, ALPHA, PVALUES, calibration)
-session.figure(rplots.plot_bh_explained(explanation, subtitle=f"{session.subtitle} · token {tokenizer.decode([int(one.token_ids[token])])!r}"), "bh_explained",
-               "BH on one token: sorted p-values against the critical line (k/N)·α.")
-nbs.display_markdown(explanation.markdown())
-nbs.display_markdown(nbs.markdown_table(explanation.table.head(12), ["rank", "expert", "logit", "prob", "pvalue", "critical",
-                                                                      "below_line", "bh", "selected", "native"], digits=3))
-others = []
-for model_name in ("softmax", "pooled", "empirical", "zscore"):
-    e = bhd.bh_explain(one.logits[layer][token], layer, ALPHA, model_name, calibration)
-    others.append({"pvalues": model_name, "smallest p": e.table["pvalue"].iloc[0], "α/N": ALPHA / one.num_experts,
-                   "k*": e.k_star, "selected": e.k_selected, "router agrees": e.router_agrees})
-one_token = pd.DataFrame(others)
-nbs.display_markdown("The same token under each p-value model:\n\n" + nbs.markdown_table(one_token, digits=3))
-assert one_token["router agrees"].all(), "the router's selection differs from the step-up table"
+one = dd.show_one_token(session, model, tokenizer, calibration, baseline_prompts[2]["prompt"],
+                        ALPHA, PVALUES)
 
 # %% [markdown]
 # ## 2 · Why naive p-values fail — on the model's own logits
@@ -167,27 +143,8 @@ assert one_token["router agrees"].all(), "the router's selection differs from th
 # (min_k = 1).
 
 # %%
-wikitext = native.text_sources(session.sample_tokens)["WikiText (encyclopedia)"]
-eval_sample = native.record_native_routing(model, tokenizer, {"WikiText": wikitext},
-                                        max_length=512, max_tokens_per_source=session.sample_tokens,
-                                        batch_size=session.batch_size(512))
-diagnostics, smallest = bhd.pvalue_diagnostics(eval_sample.logits, calibration, alpha=ALPHA)
-session.figure(rplots.plot_smallest_pvalues(smallest, ALPHA, eval_sample.num_experts, session.subtitle), "naive_pvalues",
-               "The smallest p-value per token under each p-value model, against α/N.")
-by_model = diagnostics.groupby("pvalues", sort=False)[["min_p_median", "reach_rate", "bh_k_raw", "mean_experts", "floor_rate"]].mean().reset_index()
-nbs.display_markdown(nbs.markdown_table(by_model, digits=3))
-row = by_model.set_index("pvalues")
-naive_lines = [f"On {eval_sample.num_tokens:,} tokens × {eval_sample.num_layers} layers, α = {ALPHA} (α/N = {ALPHA / eval_sample.num_experts:.2g}):"]
-if "softmax" in row.index:
-    naive_lines.append(f"`softmax` (1 − probability): the smallest p-value has median {row.loc['softmax', 'min_p_median']:.3f}; "
-                 f"{row.loc['softmax', 'reach_rate']:.1%} of tokens reach α/N, BH alone selects {row.loc['softmax', 'bh_k_raw']:.2f} "
-                 f"experts and the strategy sits on its floor {row.loc['softmax', 'floor_rate']:.0%} of the time.")
-for name in ("pooled", "zscore", "empirical"):
-    if name in row.index:
-        naive_lines.append(f"`{name}`: median smallest p {row.loc[name, 'min_p_median']:.2g}, {row.loc[name, 'reach_rate']:.1%} of tokens "
-                     f"reach α/N, BH alone selects {row.loc[name, 'bh_k_raw']:.2f}, the strategy uses {row.loc[name, 'mean_experts']:.2f} "
-                     f"experts (floor {row.loc[name, 'floor_rate']:.0%}).")
-nbs.display_markdown(naive_lines)
+held_out = dd.held_out_routing(session, model, tokenizer)  # native routing on held-out WikiText
+naive = dd.show_naive_pvalues(session, held_out, calibration, ALPHA)
 
 # %% [markdown]
 # ### Calibration quality on held-out text
@@ -198,12 +155,7 @@ nbs.display_markdown(naive_lines)
 # furthest above 1 (anti-conservative).
 
 # %%
-quality_layers, quality_experts = calibration_quality(eval_sample.logits, calibration, "empirical")
-nbs.display_markdown(nbs.markdown_table(quality_layers, digits=3))
-nbs.display_markdown(nbs.markdown_table(quality_experts.groupby("layer").head(2), digits=3))
-nbs.display_markdown(f"Per layer the null p-values are at most {quality_layers['ks_excess'].max():.3f} above uniform (KS); single "
-                     f"experts range {quality_layers['expert_ratio_min@0.01'].min():.2f}–{quality_layers['expert_ratio_max@0.01'].max():.2f}"
-                     f"× nominal at q = 0.01. Dividing α by the worst ratio is a conservative per-expert choice.")
+dd.show_calibration_quality(session, held_out, calibration)
 
 # %% [markdown]
 # ## 3 · P-value models compared: the α ↦ experts map
@@ -213,91 +165,43 @@ nbs.display_markdown(f"Per layer the null p-values are at most {quality_layers['
 # chosen model. Strategies have to be compared at matched mean k (notebook 03), so this map matters.
 
 # %%
-curve = bhd.alpha_curve(bhd.subsample(eval_sample.logits, 4096, session.seed), calibration, ALPHAS,
-                        models=PVALUE_MODELS)
-session.figure(plots.plot_alpha_sensitivity(curve, metrics=("mean_experts", "floor_rate"), subtitle=session.subtitle), "pvalue_models_alpha",
-               "Mean experts and floor rate vs α per p-value model (recorded native logits).")
-session.figure(plots.plot_alpha_maxk_heatmap(curve[curve["pvalues"] == PVALUES], value="mean_experts", row="layer", col="alpha", subtitle=f"{session.subtitle} · {PVALUES} p-values"), "alpha_by_layer",
-               "Mean experts per layer and α for the chosen p-value model.")
-reach = pd.concat([nbs.first_alpha_reaching(curve, k) for k in (2, 4)], ignore_index=True)
-nbs.display_markdown(nbs.markdown_table(reach, digits=3))
-nbs.display_markdown([f"`{r.pvalues}` reaches a mean of {r.target:g} experts " + (f"at α = {r.alpha:g}" if pd.notna(r.alpha) else
-                      f"at no α ≤ {max(ALPHAS)} (at most {r.mean_experts:.2f})") for r in reach.itertuples()])
+dd.show_alpha_map(session, held_out, calibration, ALPHAS, PVALUE_MODELS, PVALUES)
 
 # %% [markdown]
-# ## 4 · Baseline test on 3 prompts
+# ## 4 · Baseline test on the baseline prompts
 #
 # Each prompt teacher-forced under native top-8 and under BH (patch mode: the model really runs with
 # BH's experts), then continued greedily. `nll`: mean negative log-likelihood per prompt token.
 
 # %%
-native_base = bhd.score_prompts(model, tokenizer, baseline_prompts, NATIVE, label="native top-8", new_tokens=session.budget.new_tokens)
-bh_base = bhd.score_prompts(model, tokenizer, baseline_prompts, BH, calibration, label=f"BH α={ALPHA}", new_tokens=session.budget.new_tokens)
-baseline_test = native_base.table[["id", "n_tokens", "nll", "continuation"]].merge(
-    bh_base.table[["id", "nll", "mean_experts", "floor_rate", "continuation"]], on="id", suffixes=("_native", "_bh"))
-nbs.display_markdown(nbs.markdown_table(baseline_test, digits=3))
-nbs.display_markdown([f"{r.id}: BH uses {r.mean_experts:.2f} experts per token and layer (floor {r.floor_rate:.0%}); "
-                      f"NLL {r.nll_native:.3f} → {r.nll_bh:.3f} nats/token" for r in baseline_test.itertuples()])
+native_base = dd.score_prompts(model, tokenizer, baseline_prompts, NATIVE, label="native top-8",
+                               new_tokens=session.budget.new_tokens)  # + a greedy continuation
+bh_base = dd.score_prompts(model, tokenizer, baseline_prompts, BH, calibration,
+                           label=f"BH α={ALPHA}", new_tokens=session.budget.new_tokens)
+baseline = dd.show_baseline(session, native_base, bh_base)
 
 # %% [markdown]
-# ## 5 · α sensitivity (8 values) and temperature sensitivity (7 values)
+# ## 5 · α and temperature sensitivity: the sweep
 #
-# The deep-dive sweep, in patch mode on WikiText-2 (the budget's articles): native top-8; BH with each
-# p-value model at 8 values of α; BH on `softmax` p-values at 5 temperatures; BH (`empirical`, α = 0.05) with
-# the mixing weights at 5 temperatures; BH over max_k × α
-# (section 9) and top-k at k = 16, 32, 64. Each finished run is checkpointed in the results folder:
-# re-running resumes.
+# The deep-dive sweep, in patch mode on WikiText-2 (the budget's articles), built from the parameters:
+# native top-8; BH with each of `PVALUE_MODELS` at every α of `ALPHAS`; BH on `softmax` p-values at
+# each of `TEMPERATURES`; BH (`empirical`, α = 0.05) with the mixing weights at each of
+# `WEIGHTS_TEMPERATURES`; BH over `GRID_ALPHAS` × `MAX_KS` (section 9) and top-k at each of `TOPK_KS`.
+# Each finished run is checkpointed in the results folder: re-running resumes.
 
 # %%
-SWEEP = FOLDER / "sweep"
-runs = ex.bh_deep_dive(session.budget, alphas=ALPHAS, pvalues=PVALUE_MODELS, temperatures=TEMPERATURES,
-                       weights_temperatures=WEIGHTS_TEMPERATURES, grid_alphas=GRID_ALPHAS,
-                       max_ks=MAX_KS, topk_ks=TOPK_KS)
+runs = ex.bh_deep_dive(session.budget, alphas=ALPHAS, pvalues=PVALUE_MODELS,
+                       temperatures=TEMPERATURES, weights_temperatures=WEIGHTS_TEMPERATURES,
+                       grid_alphas=GRID_ALPHAS, max_ks=MAX_KS, topk_ks=TOPK_KS)
 context = ex.SweepContext(model, tokenizer, session.model_id, calibration)
-records = ex.run_sweep(context, runs, SWEEP, name="deep-dive")
-sweep_report = report.build_report(SWEEP)
-sweep_report.write(SWEEP)
-table = sweep_report.runs
-failed = table[table["status"] != "ok"]
-print(f"{len(table) - len(failed)} runs ok, {len(failed)} failed" + ("".join(f"\n  {r.label}: {r.error}" for r in failed.itertuples())))
-ok = table[table["status"] == "ok"]
-native_ppl = float(ok.loc[ok["native"], "word_perplexity"].iloc[0])
-alpha_runs = ok[ok["group"].isin([f"alpha/{model}" for model in PVALUE_MODELS])]
-session.figure(plots.plot_alpha_sensitivity(alpha_runs, metrics=("mean_experts", "word_perplexity"), subtitle=session.subtitle), "alpha_sensitivity",
-               "α sensitivity (patch mode, WikiText): mean experts and word perplexity per p-value model.")
-pivot = alpha_runs.pivot_table(index="alpha", columns="pvalues", values=["mean_experts", "word_perplexity"])
-pivot.columns = [f"{a} ({b})" for a, b in pivot.columns]
-nbs.display_markdown(nbs.markdown_table(pivot.reset_index(), digits=4))
-chosen = alpha_runs[alpha_runs["pvalues"] == PVALUES].sort_values("alpha")
-if len(chosen):
-    nbs.display_markdown(
-        f"Native top-8 word perplexity: {native_ppl:.4g}. With `{PVALUES}` p-values, α from {chosen['alpha'].min():g} to "
-        f"{chosen['alpha'].max():g} moves BH from {chosen['mean_experts'].iloc[0]:.2f} to {chosen['mean_experts'].iloc[-1]:.2f} "
-        f"experts and perplexity from {chosen['word_perplexity'].iloc[0]:.4g} to {chosen['word_perplexity'].iloc[-1]:.4g}.")
+ex.run_sweep(context, runs, session.folder / "sweep", name="deep-dive")  # checkpointed: resumes
+sweep, sweep_report = dd.show_sweep(session, session.folder / "sweep", PVALUE_MODELS)
+dd.show_alpha_sensitivity(session, sweep, PVALUES)
 
 # %%
 # Calibrated p-values are ranks, so their selection is temperature-invariant (T != 1 is refused).
 # T means something for softmax p-values (1 - softmax(logits / T)) and for the mixing weights.
-temperature_runs = ok[ok["group"] == "temperature/softmax"].copy()
-temperature_runs["temperature"] = temperature_runs["temperature"].astype(float)
-weights_runs = ok[ok["group"] == "weights temperature"].copy()
-weights_runs["weights_temperature"] = weights_runs["weights_temperature"].astype(float)
-session.figure(plots.plot_temperature_sensitivity(temperature_runs, metrics=("floor_rate", "word_perplexity"), hue=None, subtitle=f"{session.subtitle} · BH softmax α=0.05"), "temperature_sensitivity",
-               "BH on softmax p-values: share of tokens on the floor and word perplexity vs T.")
-session.figure(plots.plot_temperature_sensitivity(weights_runs, metrics=("mean_experts", "word_perplexity"), x="weights_temperature", hue=None, subtitle=f"{session.subtitle} · BH empirical α=0.05"), "weights_temperature",
-               "Mixing-weights temperature at a fixed BH selection: mean experts and word perplexity.")
-t = temperature_runs.sort_values("temperature")
-w = weights_runs.sort_values("weights_temperature")
-nbs.display_markdown(nbs.markdown_table(t, ["temperature", "mean_experts", "floor_rate", "word_perplexity"], digits=4))
-nbs.display_markdown(nbs.markdown_table(w, ["weights_temperature", "mean_experts", "word_perplexity"], digits=4))
-if len(t) and len(w):
-    nbs.display_markdown(
-        f"Softmax p-values: BH selects at most one expert (two probabilities cannot both exceed 1 − 2α/N), so with min_k = 1 "
-        f"every T routes to the top-1 expert ({t['mean_experts'].mean():.2f} experts); T only changes how often the test itself "
-        f"selects it: floor rate {t['floor_rate'].iloc[0]:.0%} at T = {t['temperature'].iloc[0]:g}, {t['floor_rate'].iloc[-1]:.0%} at T = "
-        f"{t['temperature'].iloc[-1]:g}. Mixing weights at T_w from {w['weights_temperature'].min():g} to {w['weights_temperature'].max():g}, "
-        f"same selection ({w['mean_experts'].min():.2f}–{w['mean_experts'].max():.2f} experts): word perplexity "
-        f"{w['word_perplexity'].iloc[0]:.4g} → {w['word_perplexity'].iloc[-1]:.4g} (native {native_ppl:.4g}).")
+dd.show_temperatures(session, sweep, ALPHA)
 
 # %% [markdown]
 # ## 6 · Token-level expert counts
@@ -306,93 +210,36 @@ if len(t) and len(w):
 # token and layer.
 
 # %%
-prompt_id = baseline_prompts[2]["id"]
-pieces, counts = bh_base.tokens[prompt_id], bh_base.counts[prompt_id]
-session.figure(plots.plot_token_experts(pieces, counts, min_k=bh_base.min_k, max_k=bh_base.max_k, subtitle=f"{session.subtitle} · BH α={ALPHA}"), "token_expert_counts",
-               "Experts per token under BH (mean over layers; bars: min-max).")
-session.figure(rplots.plot_count_heatmap(pieces, counts, subtitle=f"{session.subtitle} · BH α={ALPHA}", max_k=bh_base.max_k), "token_layer_counts",
-               "Experts per token and layer under BH.")
-per_token = counts.mean(axis=0)
-nbs.display_markdown(f"Most experts: {pieces[int(per_token.argmax())]!r} ({per_token.max():.2f} per layer); fewest: "
-                     f"{pieces[int(per_token.argmin())]!r} ({per_token.min():.2f}). Per layer the mean ranges "
-                     f"{counts.mean(axis=1).min():.2f}–{counts.mean(axis=1).max():.2f}.")
+dd.show_token_counts(session, bh_base, baseline_prompts[2]["id"])
 
 # %% [markdown]
-# ## 7 · Comparative analysis on 10 prompts
+# ## 7 · Comparative analysis on the comparison prompts
 #
-# Native top-8 vs BH on the ten comparison prompts, paired by prompt: mean experts per token and
-# layer (native's 8 is fixed by its configuration: shown, not tested), and NLL per token: paired
-# t-test, Wilcoxon signed-rank, Cohen's d_z with its CI, and the 95 % CI of the mean difference
-# (BH − native). Ten prompts are ten pairs: read the intervals, not just p.
+# Native top-8 vs BH on the comparison prompts (ten by default), paired by prompt: mean experts per
+# token and layer (native's 8 is fixed by its configuration: shown, not tested), and NLL per token:
+# paired t-test, Wilcoxon signed-rank, Cohen's d_z with its CI, and the 95 % CI of the mean
+# difference (BH − native). Ten prompts are ten pairs: read the intervals, not just p.
 
 # %%
-comparison_prompts = prompt_set(COMPARISON_PROMPTS)
-native_cmp = bhd.score_prompts(model, tokenizer, comparison_prompts, NATIVE, label="native top-8")
-bh_cmp = bhd.score_prompts(model, tokenizer, comparison_prompts, BH, calibration, label=f"BH α={ALPHA}")
-tests = bhd.compare_prompts(native_cmp, bh_cmp, metrics=("nll",))  # experts: native's 8 is fixed, nothing to test
-nbs.display_markdown(nbs.markdown_table(tests, ["metric", "n", "mean_baseline", "mean_candidate", "mean_difference", "ci_low",
-                                                "ci_high", "t_pvalue", "wilcoxon_pvalue", "cohens_dz", "dz_ci_low", "dz_ci_high", "notes"], digits=3))
-comparative = native_cmp.table.merge(bh_cmp.table, on=["id", "category"], suffixes=("_native", "_bh"))
-comparative.to_csv(FOLDER / "comparative_results.csv", index=False)
-long = pd.concat([s.table.assign(label=s.label) for s in (native_cmp, bh_cmp)])
-session.figure(plots.plot_paired_boxplots(long, value="mean_experts", unit="id", ylabel="experts per token and layer", subtitle=session.subtitle), "comparison_experts",
-               "Experts per token and layer on 10 prompts, native vs BH (lines join a prompt).")
-session.figure(plots.plot_paired_boxplots(long, value="nll", unit="id", ylabel="NLL per token (nats)", subtitle=session.subtitle), "comparison_nll",
-               "NLL per token on 10 prompts, native vs BH.")
-nll_test = tests.set_index("metric").loc["nll"]
-session.figure(plots.plot_difference_histogram(native_cmp.table["nll"], bh_cmp.table["nll"], unit="prompt", stats=analysis.paired_comparison(native_cmp.table["nll"], bh_cmp.table["nll"], unit="prompt"), xlabel="NLL per token: BH − native (nats)", subtitle=session.subtitle), "comparison_nll_differences",
-               "Paired NLL differences per prompt (BH − native) with the 95 % CI of the mean.")
-k_bh, k_native = bh_cmp.table["mean_experts"], native_cmp.table["mean_experts"]
-nbs.display_markdown(
-    f"BH uses {k_bh.mean():.2f} experts per token and layer (prompts {k_bh.min():.2f}–{k_bh.max():.2f}) vs native "
-    f"{k_native.mean():.0f}, which its configuration fixes (so no test). "
-    f"NLL changes by {nll_test['mean_difference']:+.3g} nats/token (95 % CI {nll_test['ci_low']:+.3g} to {nll_test['ci_high']:+.3g}; "
-    f"paired t p = {nll_test['t_pvalue']:.3g}, Wilcoxon p = {nll_test['wilcoxon_pvalue']:.3g}, d_z = {nll_test['cohens_dz']:.2f}).")
+native_cmp = dd.score_prompts(model, tokenizer, comparison_prompts, NATIVE, label="native top-8")
+bh_cmp = dd.score_prompts(model, tokenizer, comparison_prompts, BH, calibration,
+                          label=f"BH α={ALPHA}")
+tests = dd.show_comparison(session, native_cmp, bh_cmp)
 
 # %% [markdown]
-# ## 8 · Expert utilisation: native vs BH (the 10 prompts)
+# ## 8 · Expert utilisation: native vs BH (the comparison prompts)
 
 # %%
-num_experts = model.config.num_experts
-loads = {"native top-8": native_cmp.load(num_experts), f"BH α={ALPHA}": bh_cmp.load(num_experts)}
-for name, load in loads.items():
-    slug = "native" if name.startswith("native") else "bh"
-    session.figure(plots.plot_expert_utilization(load, subtitle=f"{session.subtitle} · {name}"), f"utilisation_{slug}",
-                   "Expert utilisation per layer (load relative to the layer mean).")
-balance = pd.DataFrame([{"routing": name, **{k: float(np.nanmean(v)) for k, v in analysis.load_metrics(load).items()}}
-                        for name, load in loads.items()])
-nbs.display_markdown(nbs.markdown_table(balance, ["routing", "cv", "gini", "max_mean_ratio", "entropy_normalised", "dead_experts"], digits=3))
-nbs.display_markdown(f"Load CV (layer mean) {balance['cv'].iloc[0]:.2f} native vs {balance['cv'].iloc[1]:.2f} under BH; "
-                     f"unused experts per layer {balance['dead_experts'].iloc[0]:.1f} vs {balance['dead_experts'].iloc[1]:.1f} on these prompts.")
+dd.show_utilisation(session, native_cmp, bh_cmp, model.config.num_experts)
 
 # %% [markdown]
-# ## 9 · max_k ∈ {8, 16, 32, 64} × α ∈ {0.01, 0.05, 0.10}
+# ## 9 · The max_k × α grid
 #
 # Does BH want more than 8 experts when allowed? Mean experts and word perplexity over the grid, the
 # share of tokens at the ceiling, and BH against top-k at k = max_k.
 
 # %%
-grid = ok[ok["group"] == "alpha x max_k"].copy()
-grid[["alpha", "max_k"]] = grid[["alpha", "max_k"]].astype(float)
-topk = ok[ok["strategy"] == "topk"].copy()
-topk["k"] = topk["k"].astype(float)
-grid_table = grid.pivot_table(index="max_k", columns="alpha", values=["mean_experts", "ceiling_rate", "word_perplexity"])
-grid_table.columns = [f"{metric} α={alpha:g}" for metric, alpha in grid_table.columns]
-nbs.display_markdown(nbs.markdown_table(grid_table.reset_index(), digits=4))
-grid.to_csv(FOLDER / "alpha_maxk_grid.csv", index=False)
-session.figure(plots.plot_alpha_maxk_heatmap(grid, value="mean_experts", subtitle=session.subtitle), "maxk_alpha_experts",
-               "Mean experts over the α × max_k grid.")
-session.figure(plots.plot_alpha_maxk_heatmap(grid, value="word_perplexity", fmt=".4g", subtitle=session.subtitle), "maxk_alpha_perplexity",
-               "Word perplexity over the α × max_k grid.")
-session.figure(plots.plot_saturation(grid, subtitle=session.subtitle), "maxk_saturation",
-               "Saturation: mean experts and the share of tokens at max_k vs α, per max_k.")
-session.figure(rplots.plot_maxk_lines(grid, "word_perplexity", topk=topk[topk["k"] >= 8], subtitle=session.subtitle, title="Word perplexity vs max_k: BH vs top-k"), "maxk_vs_topk",
-               "Word perplexity vs max_k per α, with top-k at k = max_k.")
-widest = grid[grid["max_k"] == grid["max_k"].max()].sort_values("alpha")
-nbs.display_markdown(
-    f"With max_k = {int(widest['max_k'].iloc[0]) if len(widest) else '–'}, BH uses " +
-    ", ".join(f"{r.mean_experts:.2f} experts at α = {r.alpha:g} (ceiling {r.ceiling_rate:.0%})" for r in widest.itertuples()) +
-    f"; at max_k = 8 the ceiling is hit by {grid[grid['max_k'] == 8]['ceiling_rate'].mean():.0%} of tokens on average.")
+dd.show_max_k_grid(session, sweep)
 
 # %% [markdown]
 # ## 10 · Patch vs analyze mode
@@ -402,14 +249,8 @@ nbs.display_markdown(
 # must restore the model exactly.
 
 # %%
-modes = bhd.patch_vs_analyze(model, tokenizer, comparison_prompts[0]["prompt"], BH, calibration)
-nbs.display_markdown(nbs.markdown_table(pd.DataFrame([modes]), digits=3))
-nbs.display_markdown(
-    f"Analyze mode: max |Δ logits| = **{modes['max_abs_diff_analyze']:.1f}** (recording {modes['mean_experts_analyze']:.2f} experts "
-    f"per token that BH would use); after both patches are removed: {modes['max_abs_diff_restored']:.1f}. Patch mode: max |Δ logits| = "
-    f"{modes['max_abs_diff_patch']:.3g} with {modes['mean_experts_patch']:.2f} experts; next token "
-    f"{'unchanged' if modes['same_next_token_patch'] else 'changed'}.")
-assert modes["max_abs_diff_analyze"] == 0.0 and modes["max_abs_diff_restored"] == 0.0
+modes = dd.show_patch_vs_analyze(session, model, tokenizer, comparison_prompts[0]["prompt"], BH,
+                                 calibration)
 
 # %% [markdown]
 # ## 11 · Interactive: re-route a prompt live
@@ -420,53 +261,14 @@ assert modes["max_abs_diff_analyze"] == 0.0 and modes["max_abs_diff_restored"] =
 # with `INTERACTIVE = "auto"` the sliders never appear in headless runs (papermill, nbclient).
 
 # %%
-LIVE_PROMPT = comparison_prompts[5]["prompt"]
-live_info = {}
-
-def live(alpha=ALPHA, weights_temperature=1.0):
-    try:
-        fig, info = bhd.reroute(model, tokenizer, LIVE_PROMPT, calibration, alpha, weights_temperature, PVALUES,
-                                subtitle=f"{session.subtitle} · BH {PVALUES} α={alpha:.3g} weights T={weights_temperature:g}")
-    except ValueError as error:  # e.g. an α below what the calibration can resolve
-        print(f"α = {alpha:.3g}, weights T = {weights_temperature:g}: {error}")
-        return
-    live_info.update(info)
-    sessions.show(fig)
-    nbs.display_markdown(f"{info['mean_experts']:.2f} experts per token and layer (floor {info['floor_rate']:.0%}); next token "
-                         f"native {', '.join(info['next_native'][:3])} · BH {', '.join(info['next_bh'][:3])} · "
-                         f"total variation {info['total_variation']:.3g}")
-
-live()  # once with the parameters, so the output is there without widgets
-if runtime.interactive(INTERACTIVE):  # "auto": a person's front end with ipywidgets, never headless
-    import ipywidgets as widgets
-    (alpha_low, alpha_high), (t_low, t_high) = bhd.LIVE_SLIDERS["alpha"], bhd.LIVE_SLIDERS["weights_temperature"]
-    widgets.interact(live, alpha=widgets.FloatLogSlider(value=ALPHA, base=10, min=np.log10(alpha_low),
-                                                        max=np.log10(alpha_high), step=0.1, description="α"),
-                     weights_temperature=widgets.FloatSlider(value=1.0, min=t_low, max=t_high, step=0.25,
-                                                             description="weights T"))
-else:
-    print(f"sliders skipped (INTERACTIVE = {INTERACTIVE!r}: no live front end with ipywidgets here)")
+dd.live_sliders(model, tokenizer, comparison_prompts[5]["prompt"], calibration, ALPHA, PVALUES,
+                session.subtitle, interactive=INTERACTIVE)  # sliders only where a person is looking
 
 # %% [markdown]
 # ## 12 · Summary (computed from this run)
 
 # %%
-supported = [f for f in sweep_report.findings if f.is_finding]
-tested = [f for f in sweep_report.findings if f.family_size]
-summary_lines = [
-    f"On one token (layer {explanation.layer}), BH with `{PVALUES}` p-values at α = {ALPHA} selects k* = {explanation.k_star} "
-    f"(router: {explanation.k_selected}).",
-    *naive_lines[1:],
-    f"Baseline prompts under BH: {bh_base.table['mean_experts'].mean():.2f} experts per token and layer, NLL "
-    f"{native_base.table['nll'].mean():.3f} → {bh_base.table['nll'].mean():.3f}.",
-    f"10 prompts: BH {k_bh.mean():.2f} experts per token and layer (native: 8 by construction); paired NLL "
-    f"{nll_test['mean_difference']:+.3g} nats/token (95 % CI {nll_test['ci_low']:+.3g} to {nll_test['ci_high']:+.3g}).",
-    f"WikiText: native top-8 word perplexity {native_ppl:.4g}"
-    + f"; {len(supported)} of {len(tested)} sweep configurations differ from it in paired tests after BH correction "
-    "(which, and by how much: `sweep/REPORT.md`).",
-    f"Analyze mode changed no logit (max |Δ| = {modes['max_abs_diff_analyze']:.1f}).",
-]
-nbs.display_markdown(summary_lines)
+dd.show_summary(session, one, naive, baseline, tests, bh_cmp, sweep, sweep_report, modes)
 
 # %% [markdown]
 # ## Conclusions, limitations, references
@@ -501,36 +303,4 @@ nbs.display_markdown(summary_lines)
 # The cell zips it and, on Colab, downloads the zip (elsewhere it says where the zip is).
 
 # %%
-results = {"session": session.describe(), "calibration": {"how": how, **calibration.metadata}, "alpha": ALPHA, "pvalues": PVALUES,
-           "one_token": {"layer": explanation.layer, "k_star": explanation.k_star, "k_selected": explanation.k_selected,
-                         "table": explanation.table.head(16).to_dict("records"), "all_models": one_token.to_dict("records")},
-           "naive_pvalues": by_model.to_dict("records"), "calibration_quality": quality_layers.to_dict("records"),
-           "worst_experts": quality_experts.to_dict("records"), "alpha_curve": curve.to_dict("records"),
-           "baseline_test": baseline_test.to_dict("records"), "comparative_tests": tests.to_dict("records"),
-           "expert_balance": balance.to_dict("records"), "patch_vs_analyze": modes,
-           "sweep": {"folder": str(SWEEP), "runs": ok.drop(columns=["error"], errors="ignore").to_dict("records"), "failed": len(failed)},
-           "summary": summary_lines, "seconds": round(session.elapsed, 1)}
-nbs.write_json(FOLDER / "bh_routing_results.json", results)
-curve.to_csv(FOLDER / "alpha_curve.csv", index=False)
-nbs.write_report(FOLDER / "RESULTS.md", "BH routing deep dive (notebook 02)", session, [
-    "## Summary", "\n".join(f"- {line}" for line in summary_lines),
-    "## BH on one token", explanation.markdown(), nbs.markdown_table(one_token, digits=3),
-    "## Why naive p-values fail", nbs.markdown_table(by_model, digits=3),
-    "## α needed per p-value model", nbs.markdown_table(reach, digits=3),
-    "## Baseline test (3 prompts)", nbs.markdown_table(baseline_test, digits=3),
-    "## α sensitivity (patch mode, WikiText)", nbs.markdown_table(pivot.reset_index(), digits=4),
-    "## Calibration quality (held-out, per layer)", nbs.markdown_table(quality_layers, digits=3),
-    "## Temperature: softmax p-values", nbs.markdown_table(t, ["temperature", "mean_experts", "floor_rate", "word_perplexity"], digits=4),
-    "## Temperature: mixing weights (selection fixed)", nbs.markdown_table(w, ["weights_temperature", "mean_experts", "word_perplexity"], digits=4),
-    "## Comparative analysis (10 prompts, unit = prompt)", nbs.markdown_table(tests, ["metric", "n", "mean_baseline", "mean_candidate",
-        "mean_difference", "ci_low", "ci_high", "t_pvalue", "wilcoxon_pvalue", "cohens_dz"], digits=3),
-    "## Expert balance", nbs.markdown_table(balance, digits=3),
-    "## max_k × α", nbs.markdown_table(grid_table.reset_index(), digits=4),
-    "## Patch vs analyze", nbs.markdown_table(pd.DataFrame([modes]), digits=3),
-    f"The sweep's own report (all runs, paired tests against native top-8): `sweep/REPORT.md`."])
-archive = nbs.zip_folder(FOLDER)
-print(f"{len(list(FOLDER.glob('*.png')))} figures -> {archive}")
-print(f"notebook 02 took {session.elapsed:.0f} s")
-
-# %%
-print(nbs.offer_download(archive))  # a browser download on Colab; skipped elsewhere
+session.finish("bh_routing_results.json", "BH routing deep dive (notebook 02)")

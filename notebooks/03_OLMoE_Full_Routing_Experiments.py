@@ -46,15 +46,16 @@
 
 # %% tags=["parameters"]
 # Parameters: edit, then Runtime -> Run all. Papermill injects its values in a cell after this one.
-MODEL = "auto"   # "auto": OLMoE-1B-7B on a GPU, the tiny bundled OLMoE on CPU; "tiny", hub id, folder
-BUDGET = "auto"  # "auto": "colab" on a GPU, "demo" on CPU; or "smoke" (seconds), "demo", "colab", "full"
+MODEL = "auto"   # "auto": OLMoE-1B-7B on GPU, bundled tiny OLMoE on CPU; "tiny", hub id, folder
+BUDGET = "auto"  # "auto": "colab" on GPU, "demo" on CPU; "smoke" (seconds), "demo", "colab", "full"
 OUT = "auto"     # results root of 01-03; "auto": Drive (DRIVE), /content (Colab), results/notebooks
 DRIVE = False    # Colab: results *and* the Hugging Face cache on Google Drive (survive reconnects)
 SEED = 0
 REPO_URL = "https://github.com/bh-routing/bh_routing"  # the install source when nothing is uploaded
 MATCHED = "auto"  # matched compute: True, False, "auto" (on when it adds at most 35 % to the sweep)
 TASKS = ("domains", "wikitext", "hellaswag", "lambada")  # domains: held-out text of 4 domains
-STRATEGIES = ("top-k", "normalized", "uniform", "adaptive", "bh max_k", "bh alpha", "other adaptive")
+STRATEGIES = ("top-k", "normalized", "uniform", "adaptive",  # strategy families of the sweep
+              "bh max_k", "bh alpha", "other adaptive")
 KS = (2, 4, 6, 8)          # top-k, normalised, uniform and BH max_k at each k
 MAX_KS = (16, 32, 64)      # BH α=0.05 beyond the native 8
 ALPHAS = (0.01, 0.10)      # BH max_k=8 beside α=0.05
@@ -78,8 +79,8 @@ MATCHED_KS = (2, 4, 6, 8)  # matched compute: target mean experts
 # matrix products) — and memory comes from `bh_routing.models.memory_plan`.
 
 # %%
-# Install: an uploaded wheel/zip (/content or, with DRIVE, MyDrive) first, then REPO_URL
-import glob, importlib, importlib.util, os, subprocess, sys
+# Install bh_routing if missing: an uploaded wheel/zip (also MyDrive with DRIVE), else REPO_URL
+import glob, importlib.util, os, subprocess, sys
 if importlib.util.find_spec("bh_routing") is None:  # pip keeps the runtime's torch (torch>=2.1)
     if DRIVE and "google.colab" in sys.modules:
         from google.colab import drive
@@ -87,10 +88,9 @@ if importlib.util.find_spec("bh_routing") is None:  # pip keeps the runtime's to
     uploads = [path for folder in (".", "/content/drive/MyDrive") for ext in ("whl", "zip")
                for path in sorted(glob.glob(f"{folder}/bh_routing*.{ext}"))]
     for source in uploads[:1] + [f"git+{REPO_URL}"]:
-        pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", source],
-                             capture_output=True, text=True,
-                             env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})  # never ask
-        print(f"pip install {source}: " + ("done" if pip.returncode == 0 else pip.stderr[-400:]))
+        pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", source], text=True,
+                             capture_output=True, env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
+        print(f"pip install {source}:", pip.stderr[-400:] if pip.returncode else "done")
         if pip.returncode == 0:
             break
     else:
@@ -106,19 +106,15 @@ if importlib.util.find_spec("bh_routing") is None:  # pip keeps the runtime's to
 from bh_routing import runtime
 runtime.use_drive(DRIVE)  # before transformers is imported: HF_HOME on Drive
 from IPython.display import display
-from bh_routing import bh_diagnostics as bhd, comparison, cost, experiments as ex, report
-from bh_routing import session as sessions, routing_plots as rplots
-from bh_routing.notebook_support import display_markdown, markdown_table, offer_download, zip_folder
+from bh_routing import comparison, cost, experiments as ex, report, session as sessions
 
 session = sessions.start_session("03", model=MODEL, budget=BUDGET, out=OUT, seed=SEED, drive=DRIVE)
-FOLDER = session.folder
 display(session)
 
 # %%
 model, tokenizer = session.load_model()  # prints the memory plan it checked
-calibration, calibration_logits, how = sessions.load_or_calibrate(session, model, tokenizer,
-                                                                  need_logits=True)
-print("calibration:", how)
+calibration, calibration_logits, _ = sessions.load_or_calibrate(session, model, tokenizer,
+                                                                need_logits=True)
 
 # %% [markdown]
 # ## 1 · The plan and what it costs
@@ -132,18 +128,12 @@ runs = ex.full_experiments(session.budget, TASKS, ks=KS, max_ks=MAX_KS, alphas=A
 matched_probe = cost.matched_runs_for_estimate(session.budget, targets=MATCHED_KS)
 plan, use_matched, plan_text = cost.plan_sweep(runs, matched_probe, tokenizer, MATCHED,
                                                on_t4="T4" in session.environment.get("gpu", ""))
-display_markdown(markdown_table(plan, ["part", "task", "runs", "tokens_per_run", "tokens", "seconds"]))
-display_markdown(plan_text)
+session.table(plan, "Plan", ["part", "task", "runs", "tokens_per_run", "tokens", "seconds"])
+session.say(plan_text)
 
 # %%
-matched_runs = []
 if use_matched:  # the knob (α, p, τ, β) giving each target mean k on calibration text
-    search_tokens = sessions.MATCHED_SEARCH_TOKENS[session.budget_name]
-    search = [l.to(session.device) for l in bhd.subsample(calibration_logits, search_tokens, SEED)]
-    matched = ex.matched_compute(session.budget, search, calibration, ("wikitext",), MATCHED_KS)
-    matched_runs = comparison.new_runs(runs, matched)
-    display_markdown(markdown_table(comparison.matched_knobs(matched_runs), digits=4))
-all_runs = runs + matched_runs
+    runs += comparison.show_matched_runs(session, runs, calibration, calibration_logits, MATCHED_KS)
 
 # %% [markdown]
 # ## 2 · The sweep (checkpointed — re-run to resume)
@@ -155,10 +145,10 @@ all_runs = runs + matched_runs
 
 # %%
 context = ex.SweepContext(model, tokenizer, session.model_id, calibration)
-mix = cost.representative_runs(all_runs)  # every task, several strategies: one run under-estimates
-timed = ex.run_sweep(context, mix, FOLDER, name="full")
-print(cost.describe_remaining(timed, mix, all_runs, tokenizer))
-records = ex.run_sweep(context, all_runs, FOLDER, name="full")
+mix = cost.representative_runs(runs)  # every task, several strategies: one run under-estimates
+timed = ex.run_sweep(context, mix, session.folder, name="full")
+print(cost.describe_remaining(timed, mix, runs, tokenizer))
+ex.run_sweep(context, runs, session.folder, name="full")
 
 # %% [markdown]
 # ## 3 · The report
@@ -171,8 +161,8 @@ records = ex.run_sweep(context, all_runs, FOLDER, name="full")
 # k̄) with 95 % CIs, and any failed run. `write` saves its tables, figures and `REPORT.md`.
 
 # %%
-sweep_report = report.build_report(FOLDER)
-sweep_report.write(FOLDER)  # runs.csv, comparison.csv, figures, analysis_summary.json, REPORT.md
+sweep_report = report.build_report(session.folder)
+sweep_report.write(session.folder)  # runs.csv, comparison.csv, figures, REPORT.md and the JSON
 display(sweep_report)
 
 # %% [markdown]
@@ -194,10 +184,10 @@ for figure in sweep_report.figures:
 # metric, and how often the count sits on its floor (min_k) or ceiling (max_k).
 
 # %%
-table = comparison.comparison_table(sweep_report.ok[sweep_report.ok["target_k"].isna()])
-table.to_csv(FOLDER / "full_routing_results.csv", index=False)
-display_markdown(markdown_table(table, ["label", "strategy", "group", "mean_experts",
-                                        *comparison.HEADLINE_COLUMNS, "floor_rate", "ceiling_rate"]))
+columns = ["label", "strategy", "group", "mean_experts", *comparison.HEADLINE_COLUMNS, "floor_rate",
+           "ceiling_rate"]
+session.table(comparison.comparison_table(sweep_report.ok[sweep_report.ok["target_k"].isna()]),
+              "One row per configuration", columns, csv="full_routing_results")
 
 # %% [markdown]
 # ## 6 · Matched compute
@@ -207,12 +197,7 @@ display_markdown(markdown_table(table, ["label", "strategy", "group", "mean_expe
 # evaluated text to match within the report's tolerance; the table and the figure are descriptive.
 
 # %%
-matched = comparison.matched_table(sweep_report.ok) if use_matched else None
-if matched is not None and len(matched):
-    matched.to_csv(FOLDER / "matched_compute.csv", index=False)
-    display_markdown(markdown_table(matched, digits=4))
-    session.figure(rplots.plot_matched_compute(matched, subtitle=session.subtitle), "matched_compute",
-                   "Matched compute: each strategy at k̄ = 2, 4, 6, 8 beside top-k (descriptive).")
+matched = comparison.show_matched(session, sweep_report) if use_matched else None
 
 # %% [markdown]
 # ## Next steps
@@ -235,8 +220,4 @@ if matched is not None and len(matched):
 # configuration. The per-run token arrays (`runs/`) stay in the folder for resuming, not in the zip.
 
 # %%
-archive = zip_folder(FOLDER)
-print(f"{archive}; notebook 03 took {session.elapsed:.0f} s")
-
-# %%
-print(offer_download(archive))  # a browser download on Colab; skipped elsewhere
+session.finish()  # REPORT.md is the sweep report written above

@@ -9,7 +9,7 @@ model of the same family -- transformers' `OlmoeForCausalLM`, 64 experts, top-8,
 
 Run (from the repository root):
 
-    python scripts/train_tiny_olmoe.py --data ../shared/data/tiny_corpus --out bh_routing/assets/tiny-olmoe
+    python scripts/train_tiny_olmoe.py --data <tiny_corpus folder> --out bh_routing/assets/tiny-olmoe
 
 Everything is seeded and the run is a fixed number of optimizer steps (not a time budget), so a
 re-run on the same software gives the same artefact up to CPU floating-point non-associativity.
@@ -45,7 +45,7 @@ DOMAINS = ("encyclopedia", "biomedical", "math", "code")
 EOS = "<|endoftext|>"  # id 0: document separator, also used as bos (GPT-NeoX / OLMoE convention)
 PAD = "<|padding|>"  # id 1: pad, as in OLMoE's tokenizer (pad_token_id=1)
 
-# Licences of the training data, copied from ../shared/data/SOURCES.md (kept in the model card).
+# Licences of the training data, copied from the staged corpus's SOURCES.md (kept in the model card).
 DATA_SOURCES = {
     "encyclopedia": ("Wikipedia passages (BoolQ passages, deduplicated)",
                      "mosaicml/llm-foundry local_data/reading_comprehension/boolq.jsonl", "CC BY-SA 3.0"),
@@ -60,7 +60,8 @@ DATA_SOURCES = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="../shared/data/tiny_corpus")
+    p.add_argument("--data", required=True,
+                   help="the staged training corpus: a folder with one sub-folder of text files per domain")
     p.add_argument("--out", default="bh_routing/assets/tiny-olmoe")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--val-frac", type=float, default=0.05, help="held-out fraction of each domain's documents")
@@ -391,7 +392,7 @@ same roles as in OLMoE's tokenizer. No BOS is prepended.
 
 ## Training data
 
-`../shared/data/tiny_corpus` (about 8 MB, four domains), split into blank-line separated documents;
+The staged `tiny_corpus` (about 8 MB, four domains), split into blank-line separated documents;
 a seeded {tr['val_frac']*100:.0f} % of each domain's documents (rounded up) is held out for validation.
 Code documents are therefore blank-line separated chunks of programs.
 

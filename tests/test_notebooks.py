@@ -97,6 +97,25 @@ def test_committed_notebook_is_stripped_and_parameterised(name):
     assert sum("parameters" in c.metadata.get("tags", []) for c in nb.cells) == 1
 
 
+MAX_CODE_LINES, MAX_CELL_LINES, MAX_LINE_CHARS = 85, 12, 100
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_is_thin(name):
+    """Configuration, calls and narrative: logic lives in the package. Code lines are non-blank,
+    non-comment lines; the parameters and install cells are exempt from the per-cell limit (the
+    install cell runs before the package exists, so it cannot call it)."""
+    cells = code_cells(name)
+    code = [[line for line in cell.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+            for cell in cells]
+    assert sum(map(len, code)) <= MAX_CODE_LINES, f"{name}: {sum(map(len, code))} code lines"
+    long_cells = [lines[0] for cell, lines in zip(cells[1:], code[1:])
+                  if len(lines) > MAX_CELL_LINES and not cell.startswith("# Install")]
+    assert not long_cells, f"{name}: cells over {MAX_CELL_LINES} lines start with {long_cells}"
+    long_lines = [line for cell in cells for line in cell.splitlines() if len(line) > MAX_LINE_CHARS]
+    assert not long_lines, f"{name}: lines over {MAX_LINE_CHARS} characters: {long_lines}"
+
+
 def test_readme_badges_derive_from_the_repository_url():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     for name in NAMES:

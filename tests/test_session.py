@@ -85,3 +85,26 @@ def test_calibration_reading_states_resolution_from_the_null_sizes():
     # smallest p of the worst layer: 1/(99+1) = 0.01 <= α/N for α = 0.05 (0.025) and 0.10, not 0.01
     assert "Calibrated on 1,234 tokens; each expert's null holds 99–999 logits" in text
     assert "1.00e-02 or less" in text and "α ∈ {0.05, 0.1}" in text
+
+
+def test_say_table_keep_and_finish_write_what_was_shown(tmp_path, capsys):
+    session = sessions.start_session("02", model="tiny", budget="smoke", out=tmp_path, seed=0)
+    frame = pd.DataFrame({"layer": [0, 1], "value": [0.5, 0.25]})
+    assert session.table(frame, "A table", digits=2, csv="values") is frame
+    session.say(["first reading", "second reading"])
+    session.say("the summary, computed last", "Summary", lead=True)
+    session.keep(values=frame, alpha=0.05)
+    archive = session.finish("summary.json", "Title", report_name="R.md")
+    shown = capsys.readouterr().out
+    assert "not on Colab: the results are at" in shown
+    report = (session.folder / "R.md").read_text()
+    assert "| 0 | 0.5 |" in report and "- second reading" in report
+    # the lead block first, then the rest in the order shown
+    order = [report.index(text) for text in ("## Summary", "## A table", "| 1 | 0.25 |", "- first reading")]
+    assert order == sorted(order)
+    summary = json.loads((session.folder / "summary.json").read_text())
+    assert summary["values"] == [{"layer": 0, "value": 0.5}, {"layer": 1, "value": 0.25}]
+    assert summary["alpha"] == 0.05 and summary["session"]["notebook"] == "02_bh_deep_dive"
+    pd.testing.assert_frame_equal(pd.read_csv(session.folder / "values.csv"), frame)
+    with zipfile.ZipFile(archive) as z:
+        assert {"tiny_smoke/R.md", "tiny_smoke/summary.json", "tiny_smoke/values.csv"} <= set(z.namelist())
