@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
@@ -39,14 +39,17 @@ GROUPED_MM_ON_CPU = False
 
 @dataclass(frozen=True)
 class Pairs:
-    """The real (token, expert) pairs of a routing, sorted by expert (stable: tokens ascending)."""
-    slot: torch.Tensor  # [P] long: flat cell t*K + j of the pair in the [T, K] routing
+    """The real (token, expert) pairs of a routing, sorted by expert (stable: tokens ascending).
+    ``static``: all T*K slots are listed, the real pairs first (rows past ``offsets[-1]`` are unused
+    slots, which the grouped GEMM skips): a shape known without reading the device (no sync)."""
+    slot: torch.Tensor  # [P] long: flat cell t*K + j of the pair in the [T, K] routing (P = T*K if static)
     token: torch.Tensor  # [P] long
     weight: torch.Tensor  # [P] float32 routing weight
     per_expert: torch.Tensor  # [E] long: pairs per expert
     offsets: torch.Tensor  # [E] int32 cumulative sizes (grouped GEMM offsets)
     num_tokens: int
     num_slots: int  # K
+    static: bool = False
 
     @functools.cached_property
     def sizes(self) -> list[int]:
@@ -54,13 +57,44 @@ class Pairs:
         accelerator, so only read where needed (the grouped GEMM path never does)."""
         return self.per_expert.tolist()
 
+    def compacted(self) -> "Pairs":
+        """The real pairs only (a host read of their number if static: a sync on an accelerator)."""
+        if not self.static:
+            return self
+        n = int(self.offsets[-1]) if len(self.offsets) else 0
+        return replace(self, slot=self.slot[:n], token=self.token[:n], weight=self.weight[:n], static=False)
+
+    def unused_rows(self) -> torch.Tensor | None:
+        """[P, 1] bool, True at the rows of unused slots (static pairs only; else None)."""
+        if not self.static:
+            return None
+        return (torch.arange(len(self.slot), device=self.slot.device) >= self.offsets[-1:])[:, None]
+
+
+def grouped_mm_planned(device: torch.device) -> bool:
+    """Whether the fused experts will run as torch's grouped GEMM on this device (`_grouped`)."""
+    return USE_GROUPED_MM and hasattr(F, "grouped_mm") and (device.type != "cpu" or GROUPED_MM_ON_CPU)
+
 
 def compact_pairs(indices: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor,
-                  num_experts: int) -> Pairs:
-    """Real pairs of a routing ``indices/weights [T, K]``, ``counts [T]`` (slot j real iff j < counts[t])."""
+                  num_experts: int, static: bool | None = None) -> Pairs:
+    """Real pairs of a routing ``indices/weights [T, K]``, ``counts [T]`` (slot j real iff j < counts[t]).
+
+    static: list every slot, unused ones sent to a sentinel expert E after the real pairs (no
+    ``nonzero``, whose output size is a host sync on an accelerator); default: where the grouped GEMM
+    is planned (`grouped_mm_planned`), which ignores the rows past the last offset. The real pairs
+    come in the same order either way, so results are bit-identical."""
     num_tokens, num_slots = indices.shape
     slots = torch.arange(num_slots, device=indices.device)
     real = (slots[None, :] < counts[:, None]).flatten()  # [T*K]
+    if grouped_mm_planned(indices.device) if static is None else static:
+        sentinel = torch.full_like(indices.flatten(), num_experts)
+        expert_sorted, slot = torch.sort(torch.where(real, indices.flatten(), sentinel), stable=True)  # [T*K]
+        per_expert = torch.bincount(expert_sorted, minlength=num_experts + 1)[:num_experts]  # [E]
+        return Pairs(slot=slot, token=torch.div(slot, num_slots, rounding_mode="floor"),
+                     weight=weights.flatten()[slot].float(), per_expert=per_expert,
+                     offsets=per_expert.cumsum(0).to(torch.int32), num_tokens=num_tokens, num_slots=num_slots,
+                     static=True)
     slot = real.nonzero().squeeze(1)  # [P] flat cells, token-major
     expert = indices.flatten()[slot]  # [P]
     expert_sorted, order = torch.sort(expert, stable=True)
@@ -82,6 +116,9 @@ def _combine(expert_out: torch.Tensor, pairs: Pairs, dtype: torch.dtype,
     bf16/fp16 the two differ by a few units in the last place; in float32 they agree to ~1e-6."""
     hidden = expert_out.shape[-1]
     weighted = _weigh(expert_out, pairs.weight, weights_dtype)  # [P, H]
+    unused = pairs.unused_rows()
+    if unused is not None:  # the grouped GEMM left those rows unwritten (any value, NaN included): zeros
+        weighted = weighted.masked_fill(unused, 0)
     accumulate = torch.promote_types(weighted.dtype, torch.float32)
     if expert_out.device.type == "cpu":  # sequential on the CPU: deterministic, and P rows of traffic only
         total = torch.zeros(pairs.num_tokens, hidden, dtype=accumulate, device=weighted.device)
@@ -103,6 +140,7 @@ def moe_modules(hidden: torch.Tensor, pairs: Pairs, experts: Sequence[Callable],
     """Mix of per-expert MLP modules: ``hidden [T, H]`` -> ``[T, H]``, P rows computed.
     ``call_unused``: call experts without rows too (on 0 rows), as models whose own loop does so —
     their parameters then get zero gradients, not ``None``."""
+    pairs = pairs.compacted()
     rows = hidden[pairs.token]  # [P, H] sorted by expert
     outs = [experts[e](chunk) for e, chunk in enumerate(torch.split(rows, pairs.sizes))
             if chunk.shape[0] or call_unused]
@@ -135,6 +173,11 @@ def moe_fused(hidden: torch.Tensor, pairs: Pairs, gate_up_proj: torch.Tensor, do
     out = _grouped(rows, pairs, gate_up_proj, down_proj, gate_fn)
     if out is not None:
         return _combine(out, pairs, hidden.dtype, weights_dtype)
+    if pairs.static:  # no grouped GEMM after all (e.g. fp16 on CUDA): the loop takes the real pairs only
+        pairs = pairs.compacted()
+        rows = rows[:len(pairs.token)]
+        if rows.shape[0] == 0:
+            return torch.zeros_like(hidden)
 
     def expert(e: int, chunk: torch.Tensor) -> torch.Tensor:  # [n, H] -> [n, H]: one small GEMM pair
         return F.linear(gate_fn(F.linear(chunk, gate_up_proj[e])), down_proj[e])
@@ -167,8 +210,7 @@ def _grouped(rows, pairs, gate_up_proj, down_proj, gate_fn) -> torch.Tensor | No
     per-expert loop is used."""
     key = (rows.device.type, rows.dtype)
     size = rows.element_size()
-    if (not USE_GROUPED_MM or (rows.device.type == "cpu" and not GROUPED_MM_ON_CPU)
-            or not hasattr(F, "grouped_mm") or key in _GROUPED_UNSUPPORTED
+    if (not grouped_mm_planned(rows.device) or key in _GROUPED_UNSUPPORTED
             or any(t.data_ptr() % 16 for t in (rows, gate_up_proj, down_proj))  # 16-byte aligned rows
             or any(dim * size % 16 for dim in (rows.shape[1], down_proj.shape[-1]))
             or not (gate_up_proj.is_contiguous() and down_proj.is_contiguous())):

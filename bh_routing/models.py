@@ -126,12 +126,28 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch
     return _DTYPE_NAMES[dtype]
 
 
+def free_under_cap(free: int, total: int, fraction: float, reserved: int) -> int:
+    """Bytes this process may still allocate on a GPU: the device's free memory (`mem_get_info`),
+    but no more than the per-process cap (`torch.cuda.set_per_process_memory_fraction`: the caching
+    allocator refuses to reserve beyond fraction x total) less what it has reserved already."""
+    return max(0, min(int(free), int(fraction * total) - int(reserved)))
+
+
+def cuda_free_memory(device: str | torch.device | None = None) -> tuple[int, int]:
+    """(free bytes honouring the per-process memory cap, total bytes) of a CUDA device."""
+    device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    free, total = torch.cuda.mem_get_info(device)
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)   # torch >= 2.5
+    fraction = get_fraction(device) if get_fraction is not None else 1.0
+    return free_under_cap(free, total, fraction, torch.cuda.memory_reserved(device)), int(total)
+
+
 def available_memory(device: str | torch.device) -> int:
-    """Bytes free for a model now: free GPU memory, or available host RAM for CPU."""
+    """Bytes free for a model now: free GPU memory (within the process's memory cap, if one is
+    set), or available host RAM for CPU."""
     device = torch.device(device)
     if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
+        return cuda_free_memory(device)[0]
     try:  # Linux: MemAvailable counts reclaimable caches, unlike "free"
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:

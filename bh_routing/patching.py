@@ -23,6 +23,7 @@ the decoder layer index for OLMoE, Mixtral and Qwen3-MoE, and the calibration's 
 """
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 import weakref
@@ -35,7 +36,7 @@ from . import dispatch as dsp
 from .moe_blocks import (MoeBlock, UnsupportedModelError, block_scoring,  # noqa: F401 (public here)
                          check_transformers_version, find_moe_blocks, router_gives_logits)
 from .recording import RoutingRecorder, ScopedHook, call_context, real_tokens, refuse_fx_tracing
-from .selection import Router, build_router
+from .selection import Router, build_router, count_non_finite, non_finite_error
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +132,7 @@ class RoutingPatch:
             self._recorder = RoutingRecorder() if (record or mode == "analyze") else None
         self.num_patched = 0
         self._undo: list[Callable[[], None]] | None = None
+        self._finite = _FiniteCheckPerForward()
 
     @property
     def recorder(self) -> RoutingRecorder:
@@ -174,6 +176,7 @@ class RoutingPatch:
                 undo.append(self._patch_analyze(block) if self.mode == "analyze" else self._patch_forward(block))
             if self.mode == "patch":
                 undo.append(self._guard_recomputation(undo).remove)
+                undo.append(self._finite.attach(_base_model(self.model)))
             if self._recorder is not None:
                 handles = self._recorder.attach(_base_model(self.model))
                 undo.append(lambda: [h.remove() for h in handles])
@@ -290,6 +293,7 @@ class RoutingPatch:
         scoring, gate, returns = self.scoring[layer], block.router, block.returns
         every_expert = layout.calls_every_expert(module)
         cache: dict = {}  # the compact dispatch's per-block constants
+        finite_check = functools.partial(self._finite.add, layer)
 
         def forward(hidden_states: torch.Tensor):  # [B, S, H]
             refuse_fx_tracing()
@@ -301,7 +305,7 @@ class RoutingPatch:
                 x = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, H]
                 shared = family.shared_output(module, x) if layout.shared_expert_first else None  # [T, H]
                 router_logits, weights_dtype = layout.route(module, x, gives_logits)  # [T, E]
-            routing = _route(router, scoring, gate, router_logits, layer)
+            routing = _route(router, scoring, gate, router_logits, layer, finite_check)
             if native:  # padded slots: expert PAD_INDEX at weight 0 — correct, computed anyway
                 out = layout.native(module, x, routing.indices, routing.weights.to(weights_dtype), every_expert)
             else:
@@ -317,11 +321,53 @@ class RoutingPatch:
         return forward
 
 
-def _route(router: Router, scoring, gate: nn.Module, router_logits: torch.Tensor, layer: int):
+def _route(router: Router, scoring, gate: nn.Module, router_logits: torch.Tensor, layer: int,
+           finite_check: Callable[[torch.Tensor], None] | None = None):
     """The strategy on the family's selection logits, mixed with the family's weight convention."""
     routing = router(scoring.selection_logits(gate, router_logits), layer=layer,
-                     model_renormalizes=scoring.renormalizes(gate))
+                     model_renormalizes=scoring.renormalizes(gate), defer_finite_check=finite_check)
     return scoring.mix(gate, router_logits, routing, router)
+
+
+class _FiniteCheckPerForward:
+    """The router logits' NaN/inf check, once per model forward instead of once per MoE layer: a
+    host read each, i.e. a GPU sync per layer. Inside the model's forward each patched block adds its
+    count of non-finite logits as a device tensor; the model's forward hook reads them all at once
+    and raises `check_logits`' error naming the first bad layer, before the output is returned. A
+    block called on its own (or recomputed during backward) checks at once."""
+
+    def __init__(self):
+        self.in_forward = False
+        self.counts: list[tuple[int, torch.Tensor]] = []  # (layer, 0-d long on the device)
+
+    def add(self, layer: int, logits: torch.Tensor) -> None:
+        if not self.in_forward:
+            bad = int(count_non_finite(logits))
+            if bad:
+                raise non_finite_error(bad, layer)
+            return
+        self.counts.append((layer, count_non_finite(logits)))
+
+    def attach(self, base_model: nn.Module) -> Callable[[], None]:
+        def before(module, args):
+            self.in_forward, self.counts = True, []
+
+        def after(module, args, output):
+            counts, self.counts, self.in_forward = self.counts, [], False
+            if output is None or not counts:  # output None: the forward raised (the hook runs anyway)
+                return
+            bad = torch.stack([count for _, count in counts]).tolist()  # the one host read
+            for (layer, _), n in zip(counts, bad):
+                if n:
+                    raise non_finite_error(n, layer)
+        handles = [base_model.register_forward_pre_hook(ScopedHook(before, "RoutingPatch")),
+                   base_model.register_forward_hook(ScopedHook(after, "RoutingPatch"), always_call=True)]
+
+        def remove():
+            for handle in handles:
+                handle.remove()
+            self.in_forward, self.counts = False, []
+        return remove
 
 
 # =========================================================================== calibration helper

@@ -62,8 +62,11 @@ class Routing:
 # --------------------------------------------------------------------------- validation
 
 
-def check_logits(router_logits: torch.Tensor) -> torch.Tensor:
-    """Validate ``[T, N]`` logits and return them as float32 (float64 stays float64)."""
+def check_logits(router_logits: torch.Tensor,
+                 defer_finite_check: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Validate ``[T, N]`` logits and return them as float32 (float64 stays float64).
+    ``defer_finite_check``: called with the logits instead of checking their values here (a host
+    read: a GPU sync), for a caller that checks many layers at once (`non_finite_error`)."""
     if not isinstance(router_logits, torch.Tensor) or router_logits.dim() != 2:
         shape = tuple(router_logits.shape) if isinstance(router_logits, torch.Tensor) else type(router_logits)
         raise ValueError(f"router logits must be a [tokens, experts] tensor, got {shape}; "
@@ -72,11 +75,23 @@ def check_logits(router_logits: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"router logits must be floating point, got {router_logits.dtype}")
     logits = router_logits if router_logits.dtype == torch.float64 else router_logits.float()
     # The value check needs the values on the host: skipped while torch.compile traces (no graph break).
-    if logits.numel() and not torch.compiler.is_compiling() and not bool(torch.isfinite(logits.abs().amax())):
-        bad = int((~torch.isfinite(logits)).sum())
-        raise ValueError(f"router logits contain {bad} NaN/inf values: the model's forward pass is "
-                         "numerically broken upstream of routing (try float32 or bfloat16 instead of float16)")
+    if logits.numel() and not torch.compiler.is_compiling():
+        if defer_finite_check is not None:
+            defer_finite_check(logits)
+        elif not bool(torch.isfinite(logits.abs().amax())):
+            raise non_finite_error(int(count_non_finite(logits)))
     return logits
+
+
+def count_non_finite(logits: torch.Tensor) -> torch.Tensor:
+    """NaN/inf values in ``logits``: a 0-d long tensor on their device (no host read)."""
+    return (~torch.isfinite(logits)).sum()
+
+
+def non_finite_error(bad: int, layer: int | None = None) -> ValueError:
+    where = "" if layer is None else f" of MoE layer {layer}"
+    return ValueError(f"router logits{where} contain {bad} NaN/inf values: the model's forward pass is "
+                      "numerically broken upstream of routing (try float32 or bfloat16 instead of float16)")
 
 
 def _check_k_range(min_k: int, max_k: int) -> None:
@@ -293,8 +308,9 @@ class Router:
     weights_temperature: float = 1.0
 
     def __call__(self, router_logits: torch.Tensor, layer: int | None = None,
-                 model_renormalizes: bool = False) -> Routing:
-        logits = check_logits(router_logits)
+                 model_renormalizes: bool = False,
+                 defer_finite_check: Callable[[torch.Tensor], None] | None = None) -> Routing:
+        logits = check_logits(router_logits, defer_finite_check)
         _check_max_k_fits(self.max_k, logits.shape[1])
         order, counts = self.select(logits, layer)
         counts = counts.clamp(self.min_k, self.max_k)

@@ -88,7 +88,8 @@ def environment() -> dict[str, Any]:
            "torch_threads": torch.get_num_threads(), "colab": in_colab(), "cuda": torch.cuda.is_available()}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        free, total = torch.cuda.mem_get_info()
+        from .models import cuda_free_memory
+        free, total = cuda_free_memory()   # free within a per-process memory cap, if one is set
         env |= {"gpu": props.name, "gpu_memory_gib": round(total / 2**30, 2), "gpu_free_gib": round(free / 2**30, 2),
                 "compute_capability": f"{props.major}.{props.minor}", "cuda_version": torch.version.cuda}
     return env

@@ -254,6 +254,25 @@ def test_logits_at_scored_positions_equal_the_full_model_logits(tiny, monkeypatc
     np.testing.assert_allclose(split.logprobs, full.logprobs, rtol=0, atol=TOL)
 
 
+def test_greedy_is_lm_eval_argmax_on_ties_and_nan():
+    """greedy = (argmax of the log-softmax == target), argmax being the first maximal index (NaN
+    counting as the maximum), whichever kernel computes it; 600 rows span several CPU chunks."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randint(-2, 2, (600, 64), generator=generator).float()   # many tied maxima
+    logits[::7, 3] = float("nan")
+    logits[::11, [5, 9]] = float("inf")
+    targets = torch.randint(0, 64, (600,), generator=generator)
+    targets[::2] = logits.nan_to_num(nan=torch.inf).argmax(-1)[::2]          # half the rows: the first maximum
+    last_maximum = torch.where(logits == logits.amax(-1, keepdim=True), torch.arange(64), -1).amax(-1)
+    targets[1::4] = last_maximum.clamp(min=0)[1::4]                         # a later tied maximum: not greedy
+    logprobs, greedy = ev.engine._token_logprobs(logits, None, targets)
+    reference = torch.log_softmax(logits, dim=-1)
+    torch.testing.assert_close(greedy, reference.argmax(-1) == targets, rtol=0, atol=0)
+    torch.testing.assert_close(logprobs, reference.gather(1, targets[:, None]).squeeze(1), rtol=0, atol=0,
+                               equal_nan=True)
+    assert 0 < int(greedy.sum()) < 600
+
+
 def test_out_of_memory_halves_the_batch_and_goes_on(tiny, monkeypatch):
     model, tokenizer = tiny
     requests = _requests("hellaswag", tokenizer, 4)

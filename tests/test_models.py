@@ -112,6 +112,28 @@ def test_memory_plan_refuses_fp32_olmoe_in_colab_host_ram():
     assert "Does NOT fit" in plan.summary()
 
 
+def test_free_gpu_memory_honours_the_per_process_cap():
+    """A T4-sized cap on an 80 GB GPU: mem_get_info says ~80 GB free, the allocator will give 15 GB
+    less what this process reserved already; without a cap (fraction 1) the device's free memory."""
+    total, t4 = 80 * GIB, 15 * GIB
+    fraction = t4 / total
+    assert models.free_under_cap(79 * GIB, total, fraction, 0) == t4
+    assert models.free_under_cap(79 * GIB, total, fraction, 4 * GIB) == 11 * GIB
+    assert models.free_under_cap(79 * GIB, total, fraction, 16 * GIB) == 0            # over the cap: nothing, not < 0
+    assert models.free_under_cap(6 * GIB, total, fraction, 4 * GIB) == 6 * GIB       # other processes: the device's free
+    assert models.free_under_cap(50 * GIB, total, 1.0, 30 * GIB) == 50 * GIB         # no cap
+
+
+def test_available_cuda_memory_reads_the_cap(monkeypatch):
+    """The CUDA readings feed `free_under_cap` (no GPU here: torch.cuda's three readings are injected)."""
+    total = 80 * GIB
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (79 * GIB, total))
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 15 * GIB / total)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 3 * GIB)
+    assert models.available_memory("cuda:0") == 12 * GIB
+    assert models.cuda_free_memory("cuda:0") == (12 * GIB, total)
+
+
 def test_dtype_policy():
     assert default_dtype("cpu") == torch.float32
     assert default_dtype("cuda", compute_capability=(7, 5)) == torch.float16    # T4

@@ -80,8 +80,8 @@ def auto_batch_tokens(model, max_length: int) -> int:
         # CPU: memory is rarely the limit; a batch beyond ~2k tokens is no faster (measured with the
         # tiny model: 2048-4096 flat, 8192 up to 4x slower for 1024-token windows)
         return max(2048, max_length)
-    from ..models import memory_plan
-    free, _ = torch.cuda.mem_get_info(device)
+    from ..models import available_memory, memory_plan
+    free = available_memory(device)          # within a per-process memory cap, if one is set
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     try:
         plan = memory_plan(model.config, free + weights, next(model.parameters()).dtype, logits="last")
@@ -115,7 +115,9 @@ def _token_logprobs(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.T
         h, t = hidden[start:start + chunk], targets[start:start + chunk]
         logp = torch.log_softmax(head(h) if head is not None else h, dim=-1, dtype=softmax_dtype)   # [n, V]
         logprobs.append(logp.gather(1, t[:, None]).squeeze(1).float())
-        greedy.append(logp.argmax(dim=-1) == t)
+        # max(dim).indices is argmax (the first maximal index, NaN as the maximum, torch's documented
+        # semantics for both) but 2.8x faster on a CPU (~1/3 of the scoring time with argmax)
+        greedy.append(logp.max(dim=-1).indices == t)
     return torch.cat(logprobs), torch.cat(greedy)
 
 
@@ -151,15 +153,10 @@ def score_requests(model, requests: Sequence[Request], *, batch_size: int | str 
     else:
         budget, per_batch = None, int(batch_size)
 
-    # A unit is one request, or a group of requests sharing their unscored prefix (one packed row).
-    # Either is one row of `cost` tokens. Length bucketing: longest first (an OOM happens at once,
-    # and the padded length of a batch is that of its first unit); ties in request order, so runs
-    # are reproducible.
-    packable = split is not None and _takes_custom_4d_mask(model)
-    groups = _shared_prefix_groups(requests) if share_prefix and packable else []
-    grouped = {i for group in groups for i in group}
-    units = [[i] for i in range(len(requests)) if i not in grouped] + groups
-    cost = [_unit_tokens(requests, unit) for unit in units]
+    # Length bucketing: longest first (an OOM happens at once, and the padded length of a batch is
+    # that of its first unit); ties in request order, so runs are reproducible.
+    units, cost = score_units(model, requests, share_prefix)
+    n_groups = sum(len(unit) > 1 for unit in units)
     order = sorted(range(len(units)), key=lambda u: (-cost[u], units[u][0]))
     lengths = np.array([r.n_scored for r in requests], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
@@ -239,10 +236,20 @@ def score_requests(model, requests: Sequence[Request], *, batch_size: int | str 
              "input_tokens_per_s": input_tokens / max(seconds, 1e-9),
              "batch_size": batch_size if per_batch is None else per_batch,
              "max_batch_tokens": budget, "oom_retries": oom_retries, "padding_side": padding_side,
-             "shared_prefix_groups": len(groups),
+             "shared_prefix_groups": n_groups,
              "softmax_dtype": str(softmax_dtype).replace("torch.", "") if softmax_dtype else "model dtype",
              "logits": "scored positions only" if split is not None else "full (model forward)"}
     return Scores(logprobs, greedy, offsets, experts, experts_all, stats)
+
+
+def score_units(model, requests: Sequence[Request], share_prefix: bool = True) -> tuple[list[list[int]], list[int]]:
+    """How `score_requests` lays the requests out: units (one request, or a group sharing its unscored
+    prefix, packed in one row where the model allows it) and the tokens each unit's row computes."""
+    packable = _split_head(model) is not None and _takes_custom_4d_mask(model)
+    groups = _shared_prefix_groups(requests) if share_prefix and packable else []
+    grouped = {i for group in groups for i in group}
+    units = [[i] for i in range(len(requests)) if i not in grouped] + groups
+    return units, [_unit_tokens(requests, unit) for unit in units]
 
 
 def _score_batch(model, split, batch: Sequence[Request], device, padding_side: str, pad_token_id: int,
