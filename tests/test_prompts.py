@@ -150,3 +150,79 @@ def test_timing_interleaves_rounds_after_a_warm_up(tiny):
     with pytest.raises(ValueError, match="repeats"):
         bp.time_routings(model, tokenizer, configs, repeats=0)
 
+
+# --------------------------------------------------------------------------- the sweep's prompt task and its report
+
+
+@pytest.fixture(scope="module")
+def prompt_sweep(tiny, tmp_path_factory):
+    from bh_routing import experiments as ex
+    from bh_routing.store import write_json
+    model, tokenizer = tiny
+    folder = tmp_path_factory.mktemp("prompt-sweep")
+    configs = [("native top-8", NATIVE), ("top-2", {"strategy": "topk", "k": 2}), ("BH zscore", VARIABLE_K)]
+    runs = ([ex.Run(label, config, "prompts", new_tokens=2) for label, config in configs]
+            + [ex.Run(label, config, "wikitext", 1, max_length=64) for label, config in configs])
+    context = ex.SweepContext(model, tokenizer, "tiny")
+    records = ex.run_sweep(context, runs, folder, progress=False)
+    assert all(r["status"] == "ok" for r in records), [r.get("error") for r in records]
+    timing = bp.time_routings(model, tokenizer, dict(configs), new_tokens=2, repeats=2)
+    write_json(folder / bp.LATENCY_FILE, {**timing, "context": context.describe()})
+    return folder, records
+
+
+def test_saved_prompt_stats_equal_numpy_on_the_saved_arrays(prompt_sweep, tiny):
+    folder, records = prompt_sweep
+    num_experts = tiny[0].config.num_experts
+    for record in (r for r in records if r["task"] == "prompts"):
+        saved = np.load(folder / "runs" / f"{record['run_id']}.npz")
+        counts, experts = saved["counts"].astype(np.int64), saved["experts"].astype(np.int64)   # [L, T], [L, T, K]
+        stats, per_token = record["prompt_stats"], counts.mean(axis=0)
+        assert stats["n_tokens"] == counts.shape[1] == len(saved["prompt"]) and stats["n_prompts"] == 12
+        assert [stats[k] for k in ("experts_mean", "experts_std", "experts_min", "experts_max")] == pytest.approx(
+            [per_token.mean(), per_token.std(ddof=1), per_token.min(), per_token.max()])
+        load = np.stack([np.bincount(experts[layer][experts[layer] >= 0], minlength=num_experts)
+                         for layer in range(counts.shape[0])])                               # [L, N]
+        assert stats["load_cv"] == pytest.approx((load.std(axis=1) / load.mean(axis=1)).mean())
+        with np.errstate(divide="ignore"):
+            assert stats["load_max_min_ratio"] == pytest.approx((load.max(axis=1) / load.min(axis=1)).mean())
+        assert record["experts"]["mean_experts"] == pytest.approx(counts.mean())
+        assert [row["nll"] for row in record["prompts"]] == pytest.approx(
+            [_reference(*tiny, p["prompt"], record["routing"])[0] for p in prompt_set("categories")], abs=1e-5)
+
+
+def test_report_shows_the_prompt_statistics_and_the_figures(prompt_sweep, tmp_path):
+    import pandas as pd
+    from bh_routing.report import build_report
+    folder, records = prompt_sweep
+    report = build_report(folder)
+    path = report.write(tmp_path)
+    markdown = path.read_text()
+    assert "## Prompt suite: experts per token and expert load" in markdown and "n = 12 prompts" in markdown
+    table = pd.read_csv(tmp_path / "prompt_stats.csv").set_index("label")
+    for record in (r for r in records if r["task"] == "prompts"):
+        assert table.loc[record["label"], "load_cv"] == pytest.approx(record["prompt_stats"]["load_cv"])
+        assert table.loc[record["label"], "n_tokens"] == record["prompt_stats"]["n_tokens"]
+    assert table.loc["native top-8", "experts_std"] == 0 and table.loc["top-2", "experts_max"] == 2
+    for name in ("reduction", "load_cv", "experts_vs_latency"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000, name
+        assert f"]({name}.png)" in markdown, name
+    assert "## Latency (interleaved timing)" in markdown and "latency.json" in markdown
+    assert "2 interleaved rounds" in markdown
+
+
+def test_latency_of_another_context_is_not_shown(prompt_sweep, tmp_path):
+    import json
+    import shutil
+    from bh_routing.report import build_report
+    folder, _ = prompt_sweep
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    latency = json.loads((copy / bp.LATENCY_FILE).read_text())
+    latency["context"]["weights_fingerprint"] = "other"
+    (copy / bp.LATENCY_FILE).write_text(json.dumps(latency))
+    report = build_report(copy)
+    assert report.latency is None and not any(f.name == "experts_vs_latency" for f in report.figures)
+    assert any("another context" in note for note in report.notes)
+    (copy / bp.LATENCY_FILE).unlink()
+    assert not any(f.name == "experts_vs_latency" for f in build_report(copy).figures)
