@@ -280,7 +280,7 @@ def time_routings(model, tokenizer, configs: Mapping[str, Mapping], calibration=
         seconds = {}
         for label in order:
             with routing_patch(model, configs[label], calibration, record=False):
-                output, width, seconds[label] = generate_batch(model, tokenizer, encoded, new_tokens, exact_length=True)
+                _, _, seconds[label] = generate_batch(model, tokenizer, encoded, new_tokens, exact_length=True)
         rounds.append({"order": order, "seconds": seconds})
     generated = len(prompts) * new_tokens
     results = []
