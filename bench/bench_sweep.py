@@ -5,7 +5,8 @@
 
 Seed design: for each configuration and each prompt, one `generate` of N greedy tokens, then
 Python-level statistics over the recorded (layer, token) rows. Engine: `experiments.execute_prompts`
-(the 12 prompts in one left-padded batch, statistics vectorised). Prints tokens/s of both, the
+(`prompts.score_prompts`: each prompt teacher-forced by the evaluation engine, then
+the 12 prompts generated in one left-padded batch, statistics vectorised). Prints tokens/s of both, the
 ratio, and whether the generated tokens are the same; writes JSON to bench/results/.
 """
 from __future__ import annotations
@@ -53,7 +54,7 @@ def engine(context: ex.SweepContext, config: dict, label: str, new_tokens: int) 
         record = ex.execute_prompts(context, run, Path(folder) / "run")
         seconds = time.perf_counter() - started
     tokenizer = context.tokenizer
-    outputs = [tokenizer(p["text"], add_special_tokens=False)["input_ids"] for p in record["prompts"]]
+    outputs = [tokenizer(p["continuation"], add_special_tokens=False)["input_ids"] for p in record["prompts"]]
     return outputs, seconds, record["generated_tokens"]
 
 

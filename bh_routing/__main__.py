@@ -142,10 +142,27 @@ def cmd_demo(args) -> int:
     runs += ex.prompt_suite(budget)
     context = ex.SweepContext(model, tokenizer, args.model, calibration)
     records = ex.run_sweep(context, runs, out, name="demo")
+    _time_prompt_routings(context, runs, out, new_tokens=8)   # 8 tokens: ~3 s of the demo's ~60 s (16: ~6 s)
     report = build_report(out).write(out)
     _summarise(records)
     _say(f"\nreport: {report}  ({time.time() - started:.0f} s in all)")
     return 0
+
+
+def _time_prompt_routings(context, runs, out: Path, new_tokens: int | None = None) -> None:
+    """The prompt suite's routings timed interleaved (``prompts.time_routings``; ``new_tokens``
+    generated per prompt, default the suite's) into latency.json: the only timing a report draws."""
+    from .prompts import LATENCY_FILE, time_routings
+    from .store import write_json
+    suite = [run for run in runs if run.task == "prompts"]
+    if not suite:
+        return
+    started = time.time()
+    timing = time_routings(context.model, context.tokenizer, {run.label: run.routing for run in suite},
+                           context.calibration, new_tokens=new_tokens or suite[0].new_tokens)
+    write_json(out / LATENCY_FILE, {**timing, "context": context.describe()})
+    _say(f"latency: {len(suite)} routings, a warm-up and {timing['repeats']} interleaved rounds "
+         f"({time.time() - started:.0f} s) -> {out / LATENCY_FILE}")
 
 
 def _summarise(records) -> None:
@@ -198,11 +215,13 @@ def cmd_sweep(args) -> int:
     if launch is None or launch.is_main:
         processes = f" across {launch.num_processes} processes" if launch else ""
         _say(f"sweep {args.preset}: {len(runs)} runs{processes}, budget {args.budget} → {out}")
-    ex.run_sweep(ex.SweepContext(model, tokenizer, args.model, calibration), runs, out, name=args.preset,
-                 retry_failed=args.retry_failed, launch=launch)
+    context = ex.SweepContext(model, tokenizer, args.model, calibration)
+    ex.run_sweep(context, runs, out, name=args.preset, retry_failed=args.retry_failed, launch=launch)
     if launch is not None:
         launch.wait_for_everyone()  # the report merges every process's runs
     if launch is None or launch.is_main:
+        if args.preset == "prompts":
+            _time_prompt_routings(context, runs, out)
         _say(f"report: {build_report(out).write(out)}")
     return 0
 

@@ -1,6 +1,6 @@
 """BH routing explained and checked (notebook 02): the step-up procedure on one token, why naive
-p-values fail, the α map of every p-value model, prompts scored under a routing, patch vs
-analyze, and live re-routing for the sliders."""
+p-values fail, the α map of every p-value model, patch vs analyze, and live re-routing for the
+sliders. (Prompts under a routing: ``bh_routing.prompts``.)"""
 from __future__ import annotations
 
 import warnings
@@ -12,7 +12,8 @@ import pandas as pd
 import torch
 
 from . import plots
-from .session import progress_bar as _progress
+# prompts under a routing live in bh_routing.prompts; notebook 02 still reaches them here
+from .prompts import PromptScores, compare_prompts, score_prompts  # noqa: F401
 
 # =========================================================================== BH explained (notebook 02)
 
@@ -152,77 +153,6 @@ def subsample(router_logits: Sequence[torch.Tensor], max_tokens: int, seed: int 
         return list(router_logits)
     keep = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:max_tokens].sort().values
     return [logits[keep.to(logits.device)] for logits in router_logits]
-
-
-# --------------------------------------------------------------------------- prompts under a routing
-
-
-@dataclass
-class PromptScores:
-    """Per prompt (``table``) and per token (``tokens[id]`` = decoded pieces, ``counts[id]`` = [L, T]
-    experts per layer and token, ``experts[id]`` = [L, T, K] chosen experts, -1 padded) of one routing."""
-    label: str
-    config: dict
-    table: pd.DataFrame
-    tokens: dict[str, list[str]]
-    counts: dict[str, np.ndarray]
-    experts: dict[str, np.ndarray]
-    min_k: int
-    max_k: int
-
-    def load(self, num_experts: int) -> np.ndarray:
-        """[L, N] assignments per expert over all prompts."""
-        from . import analysis
-        return sum(analysis.load_counts(e, num_experts) for e in self.experts.values())
-
-
-@torch.no_grad()
-def score_prompts(model, tokenizer, prompts: Sequence[Mapping[str, str]], config: Mapping, calibration=None,
-                  label: str | None = None, new_tokens: int = 0, progress: bool = True) -> PromptScores:
-    """Each prompt teacher-forced under ``config`` (patch mode): ``nll`` (mean negative log-likelihood
-    per predicted token, nats), ``mean_experts``, ``floor_rate``, ``ceiling_rate`` per prompt, and
-    with ``new_tokens`` > 0 the greedy continuation generated under the same routing."""
-    from .patching import RoutingPatch
-    from .selection import build_router
-    router = build_router(dict(config), calibration)
-    device = next(model.parameters()).device
-    rows, tokens, counts, experts = [], {}, {}, {}
-    for prompt in _progress(prompts, progress, label or config.get("strategy", "routing"), "prompt"):
-        ids = tokenizer(prompt["prompt"], return_tensors="pt")["input_ids"].to(device)
-        with RoutingPatch(model, dict(config), calibration=calibration, verbose=False) as patch:
-            logits = model(input_ids=ids, use_cache=False).logits[0].float()
-            arrays = patch.recorder.arrays()
-        logp = torch.log_softmax(logits[:-1], dim=-1).gather(1, ids[0, 1:, None]).squeeze(1)
-        count = arrays["count"].astype(np.int64)  # [L, T]
-        row = {"id": prompt["id"], "category": prompt.get("category", ""), "n_tokens": int(ids.shape[1]),
-               "nll": float(-logp.mean()) if logp.numel() else np.nan, "mean_experts": float(count.mean()),
-               "floor_rate": float((count == router.min_k).mean()), "ceiling_rate": float((count == router.max_k).mean())}
-        if new_tokens:
-            with RoutingPatch(model, dict(config), calibration=calibration, record=False, verbose=False):
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                     do_sample=False, pad_token_id=tokenizer.pad_token_id)
-            row["continuation"] = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        rows.append(row)
-        tokens[prompt["id"]] = [tokenizer.decode([int(t)]) for t in ids[0]]
-        counts[prompt["id"]] = count
-        experts[prompt["id"]] = arrays["experts"].astype(np.int64)
-    return PromptScores(label or str(config), dict(config), pd.DataFrame(rows), tokens, counts, experts,
-                        router.min_k, router.max_k)
-
-
-def compare_prompts(baseline: PromptScores, candidate: PromptScores,
-                    metrics: Sequence[str] = ("mean_experts", "nll")) -> pd.DataFrame:
-    """Paired comparison (unit = prompt) of ``candidate`` vs ``baseline`` for each metric:
-    :func:`bh_routing.analysis.paired_comparison` (paired t, Wilcoxon, Cohen's d_z, 95 % CI)."""
-    from .analysis import paired_comparison
-    merged = baseline.table.merge(candidate.table, on="id", suffixes=("_baseline", "_candidate"))
-    rows = []
-    for metric in metrics:
-        test = paired_comparison(merged[f"{metric}_baseline"], merged[f"{metric}_candidate"], unit="prompt")
-        rows.append({"metric": metric, "baseline": baseline.label, "candidate": candidate.label,
-                     **{k: v for k, v in test.items() if k not in ("notes", "difference")},
-                     "notes": "; ".join(test["notes"])})
-    return pd.DataFrame(rows)
 
 
 @torch.no_grad()

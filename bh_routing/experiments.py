@@ -420,11 +420,8 @@ def check_runs(context: SweepContext, runs: Sequence) -> None:
 
 
 def _patch(context: SweepContext, routing: Mapping):
-    from .patching import RoutingPatch
-    if "per_layer" in routing:
-        layers = {int(layer): cfg for layer, cfg in routing["per_layer"].items()}
-        return RoutingPatch(context.model, None, layers=layers, calibration=context.calibration, verbose=False)
-    return RoutingPatch(context.model, dict(routing), calibration=context.calibration, verbose=False)
+    from .prompts import routing_patch
+    return routing_patch(context.model, routing, context.calibration)
 
 
 def _floor_ceiling(counts: np.ndarray, patch) -> dict:
@@ -455,38 +452,32 @@ def execute_eval(context: SweepContext, run: Run, run_dir: Path) -> dict:
 
 
 def execute_prompts(context: SweepContext, run: Run, run_dir: Path) -> dict:
-    """Greedy generation of ``new_tokens`` for the 12 category prompts, all in one batch."""
+    """The 12 category prompts under ``run.routing`` (``prompts.score_prompts``): teacher-forced NLL
+    and experts per token, greedy continuations of ``new_tokens`` in one batch, and the suite's
+    statistics (``prompts.prompt_statistics``). Saves ``run_dir``.json (one row per prompt) and
+    ``run_dir``.npz (per-token counts [L, T] and experts [L, T, K] of every prompt, concatenated;
+    ``prompt`` [T] says which prompt each token belongs to)."""
     from .data import prompt_set
-    prompts = prompt_set("categories")
-    tokenizer, model = context.tokenizer, context.model
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        batch = tokenizer([p["prompt"] for p in prompts], return_tensors="pt", padding=True).to(model.device)
-    finally:
-        tokenizer.padding_side = side
-    with _patch(context, run.routing) as patch, torch.no_grad():
-        started = time.perf_counter()
-        output = model.generate(**batch, max_new_tokens=run.new_tokens, do_sample=False,
-                                pad_token_id=tokenizer.pad_token_id)
-        seconds = time.perf_counter() - started
-        tokens = patch.recorder.tokens()
-        counts = patch.recorder.counts()  # [layers, tokens]
-        limits = _floor_ceiling(counts.T, patch)
-    per_token = counts.mean(axis=0)
-    rows = []
-    for b, prompt in enumerate(prompts):
-        mine = (tokens["batch"] == b).to_numpy()
-        prefill = mine & (tokens["phase"] == "prefill").to_numpy()
-        rows.append({"id": prompt["id"], "category": prompt["category"],
-                     "mean_experts": float(per_token[mine].mean()),
-                     "mean_experts_prompt": float(per_token[prefill].mean()),
-                     "mean_experts_generated": float(per_token[mine & ~prefill].mean()) if (mine & ~prefill).any() else None,
-                     "text": tokenizer.decode(output[b, batch["input_ids"].shape[1]:], skip_special_tokens=True)})
+    from .patching import find_moe_blocks
+    from .prompts import prompt_statistics, score_prompts
+    scores = score_prompts(context.model, context.tokenizer, prompt_set("categories"), run.routing,
+                           context.calibration, label=run.label, new_tokens=run.new_tokens, progress=False)
+    stats = prompt_statistics(scores, find_moe_blocks(context.model)[0].num_experts)
+    rows = scores.table.to_dict(orient="records")
     write_json(run_dir.with_suffix(".json"), rows)
-    new = int((output.shape[1] - batch["input_ids"].shape[1]) * len(prompts))
-    return {"prompts": rows, "experts": {"mean_experts": float(per_token.mean()),
-                                         "mean_experts_per_layer": counts.mean(axis=1).tolist()},
-            **limits, "tokens_per_s": new / seconds, "generated_tokens": new, "seconds_generate": seconds}
+    ids = list(scores.counts)
+    width = max(scores.experts[i].shape[2] for i in ids)
+    np.savez_compressed(run_dir.with_suffix(".npz"),
+                        counts=np.concatenate([scores.counts[i] for i in ids], axis=1).astype(np.int16),
+                        experts=np.concatenate([np.pad(scores.experts[i], ((0, 0), (0, 0), (0, width - scores.experts[i].shape[2])),
+                                                       constant_values=-1) for i in ids], axis=1).astype(np.int16),
+                        prompt=np.repeat(np.arange(len(ids)), [scores.counts[i].shape[1] for i in ids]))
+    generation = scores.generation
+    return {"prompts": rows, "experts": {"mean_experts": stats["experts_mean"],
+                                         "mean_experts_per_layer": stats["mean_experts_per_layer"]},
+            "floor_rate": stats["floor_rate"], "ceiling_rate": stats["ceiling_rate"], "prompt_stats": stats,
+            "tokens_per_s": generation["tokens_per_s"], "generated_tokens": generation["generated_tokens"],
+            "seconds_generate": generation["seconds"]}
 
 
 def is_transient(error: BaseException) -> bool:
@@ -498,7 +489,9 @@ def is_transient(error: BaseException) -> bool:
 
 def _artifacts(folder: Path, record: Mapping) -> list[Path]:
     base = folder / "runs" / record["run_id"]
-    return [base.with_suffix(".json")] + ([] if record.get("task") == "prompts" else [base.with_suffix(".npz")])
+    # prompt runs from before their per-token arrays were saved keep their .json only
+    arrays = record.get("task") != "prompts" or "prompt_stats" in record
+    return [base.with_suffix(".json")] + ([base.with_suffix(".npz")] if arrays else [])
 
 
 def _needs_running(record: Mapping | None, folder: Path, retry_failed: bool) -> bool:

@@ -19,6 +19,7 @@ import textwrap
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 import numpy as np
 import pandas as pd
 import seaborn as sns
@@ -49,6 +50,7 @@ LABELS = {
     "weights_temperature": "mixing-weights temperature",
     "max_k": "max_k",
     "latency_ms": "latency (ms)",
+    "ms_per_token": "ms per generated token (median)",
     "load_cv": "expert-load CV",
     "cv": "expert-load CV (std / mean)",
     "reduction_pct": "experts saved vs native top-k (%)",
@@ -343,21 +345,17 @@ def plot_experts_by_config(runs: pd.DataFrame, metric: str = "mean_experts", nat
                                 subtitle=subtitle, title="Average active experts by configuration", **kw)
 
 
-def plot_latency_by_config(runs: pd.DataFrame, metric: str = "latency_ms", yerr: str | None = None,
-                           subtitle: str | None = None, **kw) -> Figure:
-    """Latency per configuration (``yerr``: e.g. a std-over-repeats column)."""
-    return plot_comparison_bars(runs, metric, yerr=yerr, subtitle=subtitle, title="Latency by configuration", **kw)
-
-
-def plot_reduction(runs: pd.DataFrame, native_k: int = 8, mean_experts: str = "mean_experts",
-                   subtitle: str | None = None, **kw) -> Figure:
-    """Experts saved vs native top-k, in %: 100 · (1 − mean_experts / native_k) (a ``reduction_pct``
-    column is used as is when present)."""
-    frame = runs.copy()
-    if "reduction_pct" not in frame:
-        frame["reduction_pct"] = 100.0 * (1.0 - frame[mean_experts] / native_k)
+def plot_reduction(runs: pd.DataFrame, native_k: int = 8, mean_experts: str = "mean_experts", group: str = "task",
+                   subtitle: str | None = None) -> Figure:
+    """Experts saved vs native top-k, in %: 100 · (1 − mean_experts / native_k), one bar per
+    configuration (``label``); side by side per ``group`` (e.g. task) when it takes several values."""
+    frame = runs.assign(reduction_pct=100.0 * (1.0 - runs[mean_experts].astype(float) / native_k))
+    title = f"Reduction in active experts vs native top-{native_k}"
+    if group in frame and frame[group].nunique() > 1:
+        return plot_grouped_bars(frame, x="label", y="reduction_pct", hue=group, title=title, subtitle=subtitle,
+                                 xlabel="configuration")
     return plot_comparison_bars(frame, "reduction_pct", reference=0.0, reference_label=f"native top-{native_k}",
-                                subtitle=subtitle, title=f"Reduction in active experts vs native top-{native_k}", **kw)
+                                subtitle=subtitle, title=title)
 
 
 def plot_load_cv(load: pd.DataFrame, value: str = "cv", label: str = "label", layer: str = "layer",
@@ -373,6 +371,7 @@ def plot_load_cv(load: pd.DataFrame, value: str = "cv", label: str = "label", la
             color = sns.color_palette("colorblind", 10)[i % 10]
             ordered = rows.sort_values(layer)
             ax.plot(ordered[layer], ordered[value], marker="o", color=color, label=name)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))   # layers are whole numbers
         ax.set_xlabel(label_for(layer))
         ax.set_ylabel(label_for(value))
         if label in load:
@@ -457,22 +456,6 @@ def plot_alpha_maxk_heatmap(runs: pd.DataFrame, value: str = "mean_experts", row
         ax.set_xlabel(label_for(col))
         ax.set_ylabel(label_for(row))
         return _title(fig, f"{label_for(row)} × {label_for(col)} grid", subtitle)
-
-
-def plot_bh_vs_topk(runs: pd.DataFrame, metric: str = "perplexity", x: str = "max_k", strategy: str = "strategy",
-                    subtitle: str | None = None) -> Figure:
-    """``metric`` against ``max_k`` (for top-k: its k), one line per strategy family."""
-    with _style():
-        fig, axes = _figure(width=5.6)
-        ax = axes[0, 0]
-        for name, rows in _groups(runs, strategy):
-            color, marker = strategy_style(name)
-            curve = rows.groupby(x)[metric].mean()
-            ax.plot(curve.index, curve.values, marker=marker, color=color, label=name)
-        ax.set_xlabel(f"{label_for(x)} (top-k: k)")
-        ax.set_ylabel(label_for(metric))
-        _legend_outside(ax)
-        return _title(fig, f"BH vs top-k by max_k: {label_for(metric)}", subtitle)
 
 
 def plot_experts_by_category(frame: pd.DataFrame, category: str = "category", value: str = "experts",

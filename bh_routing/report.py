@@ -15,8 +15,12 @@ Files written by :meth:`Report.write`:
   domains.csv            the domains task: token perplexity and mean experts per domain and run
   experts_per_layer.csv  mean experts per token per layer and run
   prompts.csv            prompt-suite runs: one row per prompt and configuration
+  prompt_stats.csv       prompt-suite runs: experts per token and expert load per configuration
   analysis_summary.json  context, chance checks and findings
   *.png, REPORT.md       figures and the report that embeds them
+
+A sweep folder's ``latency.json`` (``prompts.time_routings``: warmed up, repeated, interleaved) is
+the only timing a report shows; the tokens/s each run records once are not.
 
 Read-only on the results: ``results.jsonl`` is never written (damaged lines are skipped and named;
 the next sweep sets them aside), only the records of the folder's context are reported (any others,
@@ -46,8 +50,9 @@ from .store import latest_by_run, read_results, write_atomic, write_json
 KNOB_COLUMNS = ("k", "alpha", "pvalues", "temperature", "weights_temperature", "min_k", "max_k", "p", "tau", "beta")
 NATIVE_K = 8
 FIXED_K_STRATEGIES = ("topk", "topk_renorm", "topk_uniform")   # experts per token fixed by the config
-TIMING_NOTE = ("Throughput is not shown: a sweep times each run once, without warm-up, while other runs "
-               "and processes share the machine, so its tokens/s are not comparable across configurations.")
+TIMING_NOTE = ("Throughput is not shown from the runs: a sweep times each run once, without warm-up, while other "
+               "runs and processes share the machine, so their tokens/s are not comparable across configurations. "
+               "Only an interleaved timing (latency.json, written after a prompt sweep) is shown.")
 
 
 def runs_table(records: list[dict]) -> pd.DataFrame:
@@ -85,6 +90,53 @@ def prompts_table(records: list[dict]) -> pd.DataFrame:
     rows = [{"label": r["label"], **p} for r in records if r["task"] == "prompts" and r["status"] == "ok"
             for p in r["prompts"]]
     return pd.DataFrame(rows)
+
+
+PROMPT_STATS_COLUMNS = ("n_prompts", "n_tokens", "experts_mean", "experts_std", "experts_min", "experts_max",
+                        "layer_mean_min", "layer_mean_max", "load_cv", "load_max_min_ratio", "dead_experts",
+                        "floor_rate", "ceiling_rate")
+
+
+def prompt_stats_table(records: list[dict]) -> pd.DataFrame:
+    """One row per prompt-suite run: label, strategy and its ``prompt_stats``
+    (``prompts.prompt_statistics``; runs recorded before those were saved are left out)."""
+    rows = [{"label": r["label"], "strategy": r.get("strategy"),
+             **{key: r["prompt_stats"].get(key) for key in PROMPT_STATS_COLUMNS}}
+            for r in records if r["task"] == "prompts" and r["status"] == "ok" and "prompt_stats" in r]
+    return pd.DataFrame(rows)
+
+
+def load_cv_per_layer(records: list[dict]) -> pd.DataFrame:
+    """label, layer, cv: the expert-load CV of every layer of every prompt-suite run."""
+    return pd.DataFrame([{"label": r["label"], "layer": layer, "cv": cv}
+                         for r in records if r["task"] == "prompts" and r["status"] == "ok" and "prompt_stats" in r
+                         for layer, cv in enumerate(r["prompt_stats"]["load_cv_per_layer"])])
+
+
+def read_latency(folder: Path, context: dict) -> tuple[dict | None, str | None]:
+    """(the folder's ``latency.json``, None), or (None, why it is not used): absent, or timed on
+    another model, weights, dtype or calibration than the report's runs."""
+    from .prompts import LATENCY_FILE
+    path = folder / LATENCY_FILE
+    if not path.exists():
+        return None, None
+    latency = json.loads(path.read_text())
+    timed = json.loads(json.dumps(latency.get("context") or {}, sort_keys=True, default=str))
+    ours = json.loads(json.dumps(context, sort_keys=True, default=str))
+    differs = sorted(key for key in set(timed) & set(ours) if timed[key] != ours[key])
+    if differs:
+        return None, f"{LATENCY_FILE} was timed in another context ({', '.join(differs)} differ): not shown"
+    return latency, None
+
+
+def latency_table(latency: dict | None) -> pd.DataFrame:
+    """One row per timed routing: label, strategy, mean experts, median tokens/s and ms per token."""
+    if not latency:
+        return pd.DataFrame()
+    frame = pd.DataFrame(latency["configs"])
+    frame["rounds"] = frame["tokens_per_s"].map(len)
+    return frame.rename(columns={"median_ms_per_token": "ms_per_token"})[
+        ["label", "strategy", "mean_experts", "median_tokens_per_s", "ms_per_token", "rounds"]]
 
 
 def markdown_table(frame: pd.DataFrame, columns: list[str] | None = None, digits: int = 3) -> str:
@@ -243,8 +295,11 @@ def _sweeps_of(frame: pd.DataFrame, knob: str, fixed: tuple[str, ...]) -> pd.Dat
 
 
 def make_figures(runs: pd.DataFrame, prompts: pd.DataFrame, domains: pd.DataFrame, subtitle: str,
-                 at_chance: Sequence[str] = ()) -> list[Figure]:
-    """The report's figures; no Pareto plot for a task at chance (its frontier would be noise)."""
+                 at_chance: Sequence[str] = (), load_cv: pd.DataFrame | None = None,
+                 latency: dict | None = None) -> list[Figure]:
+    """The report's figures; no Pareto plot for a task at chance (its frontier would be noise).
+    ``load_cv``: :func:`load_cv_per_layer`; ``latency``: the folder's interleaved timing (the only
+    timing drawn)."""
     ok = runs[runs["status"] == "ok"]
     made: list[Figure] = []
     for task, spec in TASKS.items():
@@ -298,6 +353,25 @@ def make_figures(runs: pd.DataFrame, prompts: pd.DataFrame, domains: pd.DataFram
     if not prompts.empty:
         made.append(Figure("experts_by_category", "Prompt suite: mean experts per token by prompt category.",
                            plots.plot_experts_by_category(prompts, value="mean_experts", subtitle=subtitle)))
+    counted = ok.dropna(subset=["mean_experts"])
+    if len(counted) >= 2:
+        made.append(Figure("reduction", f"Experts saved vs native top-{NATIVE_K}: 100 · (1 − mean experts / "
+                                        f"{NATIVE_K}) per configuration, one bar per task (negative: more experts "
+                                        "than native).",
+                           plots.plot_reduction(counted, native_k=NATIVE_K, group="task", subtitle=subtitle)))
+    if load_cv is not None and not load_cv.empty:
+        made.append(Figure("load_cv", "Prompt suite: expert-load CV (std / mean of the experts' assignment counts) "
+                                      "per layer and configuration, over the teacher-forced prompt tokens "
+                                      "(0 = every expert equally used).",
+                           plots.plot_load_cv(load_cv, subtitle=f"{subtitle} · prompt suite")))
+    if latency:
+        frame = latency_table(latency)
+        made.append(Figure("experts_vs_latency",
+                           f"Mean experts per token vs median ms per generated token, from latency.json: "
+                           f"{latency['method']} ({latency['device']}, {latency['machine'].get('torch_threads')} "
+                           "torch threads). The sweep's single-pass timings are not drawn.",
+                           plots.plot_experts_vs_latency(frame, y="ms_per_token",
+                                                         subtitle=f"{subtitle} · {latency['device']}")))
     return made
 
 
@@ -316,6 +390,8 @@ class Report:
     domains: pd.DataFrame = field(default_factory=pd.DataFrame)
     domain_allocation: pd.DataFrame = field(default_factory=pd.DataFrame)
     prompts: pd.DataFrame = field(default_factory=pd.DataFrame)
+    prompt_stats: pd.DataFrame = field(default_factory=pd.DataFrame)
+    latency: dict | None = None      # the folder's interleaved timing (latency.json)
     per_layer: pd.DataFrame = field(default_factory=pd.DataFrame)
     figures: list[Figure] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)   # e.g. why a task has no paired tests
@@ -401,6 +477,23 @@ class Report:
         columns = ["task", "candidate", "reference", "candidate_k", "reference_k", "unit", "n", "test", "effect",
                    "ci_low", "ci_high", "p_adjusted", "verdict"]
         out += ["## Paired comparisons", "", markdown_table(self.comparisons, columns), "", TIMING_NOTE, ""]
+        if self.latency:
+            out += ["## Latency (interleaved timing)", "",
+                    f"From latency.json: {self.latency['method']}. Device {self.latency['device']} "
+                    f"({self.latency['dtype']}), {self.latency['machine'].get('torch_threads')} torch threads, "
+                    f"{self.latency['machine'].get('processor')}, {self.latency['machine'].get('platform')}.", "",
+                    markdown_table(latency_table(self.latency)), ""]
+        if not self.prompt_stats.empty:
+            first = self.prompt_stats.iloc[0]
+            out += ["## Prompt suite: experts per token and expert load", "",
+                    f"Over the teacher-forced tokens of the prompts (n = {int(first['n_prompts'])} prompts, "
+                    f"{int(first['n_tokens'])} tokens per configuration: the same tokens under every routing). "
+                    "Experts per token: each token's count averaged over the layers; mean, std, min and max over "
+                    "the tokens, and the range of the per-layer means. Expert load: per layer, the assignment "
+                    "counts of the experts, their CV (std / mean) and max/min ratio averaged over the layers "
+                    "(max/min is inf when an expert got no token; `dead_experts` counts those over all layers). "
+                    "Floor/ceiling: share of (layer, token) counts at min_k / max_k.", "",
+                    markdown_table(self.prompt_stats, ["label", *PROMPT_STATS_COLUMNS[1:]]), ""]
         if not self.prompts.empty:
             by = self.prompts.groupby(["label", "category"])["mean_experts"].mean().unstack()
             out += ["## Prompt suite: mean experts per token by category", "",
@@ -441,7 +534,9 @@ class Report:
         if not self.domains.empty:
             self.domains.to_csv(folder / "domains.csv", index=False)
         if not self.prompts.empty:
-            self.prompts.drop(columns=["text"], errors="ignore").to_csv(folder / "prompts.csv", index=False)
+            self.prompts.drop(columns=["continuation", "text"], errors="ignore").to_csv(folder / "prompts.csv", index=False)
+        if not self.prompt_stats.empty:
+            self.prompt_stats.to_csv(folder / "prompt_stats.csv", index=False)
         for figure in self.figures:
             plots.save(figure.figure, folder / f"{figure.name}.png")
         write_json(folder / "analysis_summary.json", self.summary())
@@ -499,6 +594,8 @@ def build_report(folder: str | Path, alpha: float = fd.ALPHA, k_tolerance: float
     found = fd.assess(comparisons, alpha=alpha, k_tolerance=k_tolerance, at_chance=at_chance)
     domains = domains_table(usable, load)
     prompts = prompts_table(records)
+    latency, latency_note = read_latency(folder, context)
+    notes += [latency_note] if latency_note else []
     per_layer = pd.DataFrame([{"label": r["label"], "task": r["task"], "layer": layer, "mean_experts": k}
                               for r in records if r["status"] == "ok"
                               for layer, k in enumerate((r.get("experts") or {}).get("mean_experts_per_layer", []))])
@@ -507,5 +604,7 @@ def build_report(folder: str | Path, alpha: float = fd.ALPHA, k_tolerance: float
                   versions=next((r.get("versions") for r in records if r.get("versions")), {}), runs=runs,
                   findings=found, chance=chance, domains=domains,
                   domain_allocation=domain_allocation(usable, load, alpha),
-                  prompts=prompts, per_layer=per_layer, alpha=alpha, notes=notes,
-                  figures=make_figures(usable, prompts, domains, subtitle, at_chance))
+                  prompts=prompts, prompt_stats=prompt_stats_table(records), latency=latency, per_layer=per_layer,
+                  alpha=alpha, notes=notes,
+                  figures=make_figures(usable, prompts, domains, subtitle, at_chance, load_cv_per_layer(records),
+                                       latency))

@@ -1,5 +1,5 @@
 """bh_routing.bh_diagnostics and routing_plots: BH on one token against statsmodels, p-value
-diagnostics, prompts scored under a routing, patch vs analyze, and the figures."""
+diagnostics, patch vs analyze, and the figures (prompts under a routing: test_prompts.py)."""
 from __future__ import annotations
 
 import math
@@ -84,29 +84,11 @@ def test_subsample_keeps_the_same_tokens_in_every_layer():
 
 
 @needs_tiny
-def test_score_prompts_patch_vs_analyze_and_reroute():
+def test_patch_vs_analyze_and_reroute():
     from bh_routing.data import prompt_set
     from bh_routing.models import load_model
     model, tokenizer = load_model("tiny", verbose=False)
     prompts = prompt_set("baseline")
-    native = bhd.score_prompts(model, tokenizer, prompts, {"strategy": "topk", "k": 8}, progress=False)
-    for row in native.table.itertuples():
-        ids = tokenizer(next(p["prompt"] for p in prompts if p["id"] == row.id), return_tensors="pt")["input_ids"]
-        with torch.no_grad():
-            logits = model(input_ids=ids).logits[0].float()
-        nll = -torch.log_softmax(logits[:-1], -1).gather(1, ids[0, 1:, None]).mean().item()
-        assert row.nll == pytest.approx(nll, rel=1e-5)
-        assert row.mean_experts == 8.0 and row.n_tokens == ids.shape[1]
-    bh = bhd.score_prompts(model, tokenizer, prompts, {"strategy": "bh", "alpha": 0.05, "pvalues": "zscore"},
-                           label="bh", new_tokens=3, progress=False)
-    assert (bh.table["mean_experts"] < 8).all() and bh.table["continuation"].map(len).gt(0).all()
-    counts = bh.counts[prompts[0]["id"]]
-    assert counts.shape == (model.config.num_hidden_layers, len(bh.tokens[prompts[0]["id"]]))
-    assert bh.table.iloc[0]["floor_rate"] == pytest.approx((counts == 1).mean())
-    load = bh.load(model.config.num_experts)
-    assert load.sum() == sum(c.sum() for c in bh.counts.values())
-    tests = bhd.compare_prompts(native, bh)
-    assert list(tests["metric"]) == ["mean_experts", "nll"] and (tests["n"] == 3).all()
     modes = bhd.patch_vs_analyze(model, tokenizer, prompts[2]["prompt"], {"strategy": "bh", "alpha": 0.05, "pvalues": "zscore"})
     assert modes["max_abs_diff_analyze"] == 0.0 and modes["max_abs_diff_restored"] == 0.0
     assert modes["max_abs_diff_patch"] > 0.0

@@ -129,6 +129,15 @@ def test_max_new_tokens_sets_the_prompt_suite_generation_length(tmp_path):
     prompts = len(records[0]["prompts"])
     # greedy generation of exactly 3 tokens per prompt (the smoke budget's default is 4)
     assert {r["generated_tokens"] for r in records} == {3 * prompts}
+    # then the routings timed interleaved: latency.json, the only timing the report draws
+    latency = json.loads((out / "latency.json").read_text())
+    assert len(latency["rounds"]) == latency["repeats"] == 3 and latency["new_tokens"] == 3
+    assert [c["label"] for c in latency["configs"]] == list(ex.SEED_PROMPT_CONFIGS)
+    assert all(sorted(r["order"]) == sorted(ex.SEED_PROMPT_CONFIGS) for r in latency["rounds"])
+    assert len({r["order"][0] for r in latency["rounds"]}) == 3                 # rotated: interleaved
+    report = (out / "REPORT.md").read_text()
+    for name in ("experts_vs_latency", "load_cv", "reduction"):
+        assert (out / f"{name}.png").exists() and f"]({name}.png)" in report, name
 
 
 @needs_tiny
