@@ -12,8 +12,6 @@ import pandas as pd
 import torch
 
 from . import plots
-# prompts under a routing live in bh_routing.prompts; notebook 02 still reaches them here
-from .prompts import PromptScores, compare_prompts, score_prompts  # noqa: F401
 
 # =========================================================================== BH explained (notebook 02)
 

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from . import bh_diagnostics as bhd
+from .prompts import compare_prompts
 
 PVALUE_MODELS = ("softmax", "pooled", "empirical", "zscore")
 
@@ -394,12 +395,6 @@ def show_alpha_map(session, sample, calibration, alphas: Sequence[float], models
     return curve
 
 
-def score_prompts(model, tokenizer, prompts, config: Mapping, calibration=None, label: str | None = None,
-                  new_tokens: int = 0):
-    """Prompts under a routing (patch mode): :func:`bh_routing.bh_diagnostics.score_prompts`."""
-    return bhd.score_prompts(model, tokenizer, prompts, config, calibration, label=label, new_tokens=new_tokens)
-
-
 def show_baseline(session, native, bh) -> pd.DataFrame:
     """Section 4: the baseline prompts under native and BH."""
     table = session.table(baseline_table(native, bh), "Baseline test (3 prompts)", digits=3)
@@ -462,7 +457,7 @@ def show_comparison(session, native, bh) -> pd.DataFrame:
     """Section 7: BH vs native over prompts, paired by prompt: tests, CSV and three figures."""
     from .analysis import paired_comparison
     from .plots import plot_difference_histogram, plot_paired_boxplots
-    tests = bhd.compare_prompts(native, bh, metrics=("nll",))  # native's 8 experts are fixed: nothing to test
+    tests = compare_prompts(native, bh, metrics=("nll",))  # native's 8 experts are fixed: nothing to test
     session.table(tests, f"Comparative analysis ({len(native.table)} prompts, unit = prompt)", COMPARISON_COLUMNS,
                   digits=3)
     session.say(describe_comparison(tests, native, bh))

@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from .folder import check_context, claim_context, folder_lock, move_aside
+from .folder import check_context, claim_context, folder_lock
 from .pvalues import CALIBRATED, Calibration, ResolutionError, calibration_requirement
 from .selection import as_real, build_router
 from .store import ResultStore, latest_by_run, write_json

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn as nn

@@ -27,7 +27,6 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 def _gather_real(values: torch.Tensor, routing) -> torch.Tensor:

@@ -112,6 +112,7 @@ runtime.use_drive(DRIVE)  # before transformers is imported: HF_HOME on Drive
 from IPython.display import display
 from bh_routing import deep_dive as dd, experiments as ex, session as sessions
 from bh_routing.data import prompt_set
+from bh_routing.prompts import score_prompts
 
 session = sessions.start_session("02", model=MODEL, budget=BUDGET, out=OUT, seed=SEED, drive=DRIVE)
 display(session)
@@ -174,9 +175,9 @@ dd.show_alpha_map(session, held_out, calibration, ALPHAS, PVALUE_MODELS, PVALUES
 # BH's experts), then continued greedily. `nll`: mean negative log-likelihood per prompt token.
 
 # %%
-native_base = dd.score_prompts(model, tokenizer, baseline_prompts, NATIVE, label="native top-8",
+native_base = score_prompts(model, tokenizer, baseline_prompts, NATIVE, label="native top-8",
                                new_tokens=session.budget.new_tokens)  # + a greedy continuation
-bh_base = dd.score_prompts(model, tokenizer, baseline_prompts, BH, calibration,
+bh_base = score_prompts(model, tokenizer, baseline_prompts, BH, calibration,
                            label=f"BH α={ALPHA}", new_tokens=session.budget.new_tokens)
 baseline = dd.show_baseline(session, native_base, bh_base)
 
@@ -221,8 +222,8 @@ dd.show_token_counts(session, bh_base, baseline_prompts[2]["id"])
 # difference (BH − native). Ten prompts are ten pairs: read the intervals, not just p.
 
 # %%
-native_cmp = dd.score_prompts(model, tokenizer, comparison_prompts, NATIVE, label="native top-8")
-bh_cmp = dd.score_prompts(model, tokenizer, comparison_prompts, BH, calibration,
+native_cmp = score_prompts(model, tokenizer, comparison_prompts, NATIVE, label="native top-8")
+bh_cmp = score_prompts(model, tokenizer, comparison_prompts, BH, calibration,
                           label=f"BH α={ALPHA}")
 tests = dd.show_comparison(session, native_cmp, bh_cmp)
 

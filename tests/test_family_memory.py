@@ -9,7 +9,8 @@ import pytest
 import torch
 import transformers
 
-from bh_routing.models import (COUNTED_FAMILIES, TINY_MODEL_DIR, ModelTooLargeError, count_parameters, load_model,
+from bh_routing.parameters import COUNTED_FAMILIES
+from bh_routing.models import (TINY_MODEL_DIR, ModelTooLargeError, count_parameters, load_model,
                                memory_plan, plan_for)
 from conftest import FAMILIES, tiny_model
 

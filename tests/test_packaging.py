@@ -14,8 +14,9 @@ tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard libr
 REPO = Path(__file__).resolve().parents[1]
 IMPORT_NAME = {"pyyaml": "yaml"}                 # distribution -> module, where they differ
 # imported only where they exist, each behind a guard: the lm-eval backend (the `lm-eval` extra),
-# notebooks' front ends (IPython, Colab's google.colab), and transformers' own dependencies
-OPTIONAL = {"lm_eval", "IPython", "google", "huggingface_hub", "packaging"}
+# notebooks' front ends (IPython, Colab's google.colab, ipywidgets — only where runtime.interactive()
+# found it), and transformers' own dependencies
+OPTIONAL = {"lm_eval", "IPython", "google", "huggingface_hub", "packaging", "ipywidgets"}
 
 
 def imported_modules() -> set[str]:
