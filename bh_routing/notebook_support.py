@@ -2,48 +2,18 @@
 and a Markdown report written, the results folder zipped and, on Colab, downloaded."""
 from __future__ import annotations
 
-import math
 import os
 import time
 import zipfile
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-import pandas as pd
-
 from . import __version__
+from .markdown import as_markdown
 from .runtime import in_colab
 from .session import Session
 
 # =========================================================================== results
-
-
-def markdown_table(frame: pd.DataFrame, columns: Sequence[str] | None = None, digits: int = 4,
-                   max_rows: int | None = None) -> str:
-    """A GitHub Markdown table; floats to ``digits`` significant digits, NaN/None as '–'."""
-    if columns is not None:
-        frame = frame[[c for c in columns if c in frame]]
-    if max_rows is not None:
-        frame = frame.head(max_rows)
-    if frame.empty:
-        return "_(no rows)_\n"
-
-    def cell(value) -> str:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return "–"
-        if isinstance(value, (bool, np.bool_)):
-            return "yes" if value else "no"
-        if isinstance(value, (int, np.integer)):
-            return f"{value:,}" if abs(value) >= 10000 else str(value)
-        if isinstance(value, (float, np.floating)):
-            if math.isinf(value):
-                return "∞" if value > 0 else "−∞"
-            return f"{value:.{digits}g}" if abs(value) < 10 ** digits else f"{value:,.0f}"
-        return str(value).replace("|", "\\|").replace("\n", " ")
-    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
 
 
 def write_report(path: str | os.PathLike, title: str, session: Session | None, blocks: Sequence[str],
@@ -63,11 +33,6 @@ def write_report(path: str | os.PathLike, title: str, session: Session | None, b
     from .store import write_atomic
     write_atomic(path, "\n".join(lines))
     return path
-
-
-def as_markdown(text: str | Sequence[str]) -> str:
-    """Markdown text; a list becomes bullet points."""
-    return text if isinstance(text, str) else "\n".join(f"- {line}" for line in text)
 
 
 def display_markdown(text: str | Sequence[str]) -> None:

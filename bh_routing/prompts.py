@@ -12,13 +12,16 @@ One path for every prompt run (notebook 02, the sweep's ``prompts`` task):
   (``bh_routing.analysis``).
 * :func:`time_routings` — tokens/s of greedy generation per routing: a warm-up, then rounds that
   cycle through the routings (the only timing a report shows).
+* the tables a sweep report makes of its prompt runs and of `latency.json`.
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -296,3 +299,58 @@ def time_routings(model, tokenizer, configs: Mapping[str, Mapping], calibration=
             "new_tokens": new_tokens, "n_prompts": len(prompts), "repeats": repeats,
             "device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype),
             "machine": machine(), "rounds": rounds, "configs": results}
+
+
+# =========================================================================== tables of a sweep's prompt runs
+
+
+def prompts_table(records: list[dict]) -> pd.DataFrame:
+    rows = [{"label": r["label"], **p} for r in records if r["task"] == "prompts" and r["status"] == "ok"
+            for p in r["prompts"]]
+    return pd.DataFrame(rows)
+
+
+PROMPT_STATS_COLUMNS = ("n_prompts", "n_tokens", "experts_mean", "experts_std", "experts_min", "experts_max",
+                        "layer_mean_min", "layer_mean_max", "load_cv", "load_max_min_ratio", "dead_experts",
+                        "floor_rate", "ceiling_rate")
+
+
+def prompt_stats_table(records: list[dict]) -> pd.DataFrame:
+    """One row per prompt-suite run: label, strategy and its ``prompt_stats``
+    (``prompts.prompt_statistics``; runs recorded before those were saved are left out)."""
+    rows = [{"label": r["label"], "strategy": r.get("strategy"),
+             **{key: r["prompt_stats"].get(key) for key in PROMPT_STATS_COLUMNS}}
+            for r in records if r["task"] == "prompts" and r["status"] == "ok" and "prompt_stats" in r]
+    return pd.DataFrame(rows)
+
+
+def load_cv_per_layer(records: list[dict]) -> pd.DataFrame:
+    """label, layer, cv: the expert-load CV of every layer of every prompt-suite run."""
+    return pd.DataFrame([{"label": r["label"], "layer": layer, "cv": cv}
+                         for r in records if r["task"] == "prompts" and r["status"] == "ok" and "prompt_stats" in r
+                         for layer, cv in enumerate(r["prompt_stats"]["load_cv_per_layer"])])
+
+
+def read_latency(folder: Path, context: dict) -> tuple[dict | None, str | None]:
+    """(the folder's ``latency.json``, None), or (None, why it is not used): absent, or timed on
+    another model, weights, dtype or calibration than the report's runs."""
+    path = folder / LATENCY_FILE
+    if not path.exists():
+        return None, None
+    latency = json.loads(path.read_text())
+    timed = json.loads(json.dumps(latency.get("context") or {}, sort_keys=True, default=str))
+    ours = json.loads(json.dumps(context, sort_keys=True, default=str))
+    differs = sorted(key for key in set(timed) & set(ours) if timed[key] != ours[key])
+    if differs:
+        return None, f"{LATENCY_FILE} was timed in another context ({', '.join(differs)} differ): not shown"
+    return latency, None
+
+
+def latency_table(latency: dict | None) -> pd.DataFrame:
+    """One row per timed routing: label, strategy, mean experts, median tokens/s and ms per token."""
+    if not latency:
+        return pd.DataFrame()
+    frame = pd.DataFrame(latency["configs"])
+    frame["rounds"] = frame["tokens_per_s"].map(len)
+    return frame.rename(columns={"median_ms_per_token": "ms_per_token"})[
+        ["label", "strategy", "mean_experts", "median_tokens_per_s", "ms_per_token", "rounds"]]

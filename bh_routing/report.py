@@ -45,6 +45,9 @@ from .evaluation import TASKS, EvalResult
 from .models import describe_model
 from .selection import ADAPTIVE_DEFAULTS, STEPUP_DEFAULTS
 from .folder import PER_TASK_KEYS, read_context
+from .markdown import escape, markdown_table
+from .prompts import (PROMPT_STATS_COLUMNS, latency_table, load_cv_per_layer, prompt_stats_table, prompts_table,
+                      read_latency)
 from .store import latest_by_run, read_results, write_atomic, write_json
 
 KNOB_COLUMNS = ("k", "alpha", "pvalues", "temperature", "weights_temperature", "min_k", "max_k", "p", "tau", "beta")
@@ -84,78 +87,6 @@ def runs_table(records: list[dict]) -> pd.DataFrame:
     if not frame.empty:
         frame["reduction_pct"] = 100.0 * (1.0 - frame["mean_experts"].astype(float) / NATIVE_K)
     return frame
-
-
-def prompts_table(records: list[dict]) -> pd.DataFrame:
-    rows = [{"label": r["label"], **p} for r in records if r["task"] == "prompts" and r["status"] == "ok"
-            for p in r["prompts"]]
-    return pd.DataFrame(rows)
-
-
-PROMPT_STATS_COLUMNS = ("n_prompts", "n_tokens", "experts_mean", "experts_std", "experts_min", "experts_max",
-                        "layer_mean_min", "layer_mean_max", "load_cv", "load_max_min_ratio", "dead_experts",
-                        "floor_rate", "ceiling_rate")
-
-
-def prompt_stats_table(records: list[dict]) -> pd.DataFrame:
-    """One row per prompt-suite run: label, strategy and its ``prompt_stats``
-    (``prompts.prompt_statistics``; runs recorded before those were saved are left out)."""
-    rows = [{"label": r["label"], "strategy": r.get("strategy"),
-             **{key: r["prompt_stats"].get(key) for key in PROMPT_STATS_COLUMNS}}
-            for r in records if r["task"] == "prompts" and r["status"] == "ok" and "prompt_stats" in r]
-    return pd.DataFrame(rows)
-
-
-def load_cv_per_layer(records: list[dict]) -> pd.DataFrame:
-    """label, layer, cv: the expert-load CV of every layer of every prompt-suite run."""
-    return pd.DataFrame([{"label": r["label"], "layer": layer, "cv": cv}
-                         for r in records if r["task"] == "prompts" and r["status"] == "ok" and "prompt_stats" in r
-                         for layer, cv in enumerate(r["prompt_stats"]["load_cv_per_layer"])])
-
-
-def read_latency(folder: Path, context: dict) -> tuple[dict | None, str | None]:
-    """(the folder's ``latency.json``, None), or (None, why it is not used): absent, or timed on
-    another model, weights, dtype or calibration than the report's runs."""
-    from .prompts import LATENCY_FILE
-    path = folder / LATENCY_FILE
-    if not path.exists():
-        return None, None
-    latency = json.loads(path.read_text())
-    timed = json.loads(json.dumps(latency.get("context") or {}, sort_keys=True, default=str))
-    ours = json.loads(json.dumps(context, sort_keys=True, default=str))
-    differs = sorted(key for key in set(timed) & set(ours) if timed[key] != ours[key])
-    if differs:
-        return None, f"{LATENCY_FILE} was timed in another context ({', '.join(differs)} differ): not shown"
-    return latency, None
-
-
-def latency_table(latency: dict | None) -> pd.DataFrame:
-    """One row per timed routing: label, strategy, mean experts, median tokens/s and ms per token."""
-    if not latency:
-        return pd.DataFrame()
-    frame = pd.DataFrame(latency["configs"])
-    frame["rounds"] = frame["tokens_per_s"].map(len)
-    return frame.rename(columns={"median_ms_per_token": "ms_per_token"})[
-        ["label", "strategy", "mean_experts", "median_tokens_per_s", "ms_per_token", "rounds"]]
-
-
-def markdown_table(frame: pd.DataFrame, columns: list[str] | None = None, digits: int = 3) -> str:
-    frame = frame if columns is None else frame[[c for c in columns if c in frame]]
-    if frame.empty:
-        return "_(none)_\n"
-
-    def cell(v):
-        if isinstance(v, (float, np.floating)):
-            return "–" if math.isnan(v) else f"{v:.{digits}g}" if abs(v) < 1000 else f"{v:,.0f}"
-        return "–" if v is None else escape(v)
-    lines = ["| " + " | ".join(escape(c) for c in frame.columns) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
-
-
-def escape(value) -> str:
-    """Text safe inside a Markdown table cell: no HTML, no column break, one line."""
-    return html.escape(str(value)).replace("|", "\\|").replace("\n", " ").replace("\r", " ")
 
 
 def _budget(frame: pd.DataFrame) -> str:
@@ -466,23 +397,23 @@ class Report:
             frame = ok[ok["task"] == task]
             metrics = [m.name for m in TASKS[task].metrics if m.name in frame] if task in TASKS else []
             out += [f"### {task} ({_budget(frame)})", "",
-                    markdown_table(frame, ["label", "mean_experts", "floor_rate", "ceiling_rate", *metrics]), ""]
+                    markdown_table(frame, ["label", "mean_experts", "floor_rate", "ceiling_rate", *metrics], digits=3), ""]
             at_chance = any(c.task == task and c.at_chance for c in self.chance)
             if task in TASKS and TASKS[task].headline.name in frame and len(frame) >= 2 and not at_chance:
                 out += [self._pareto_line(task, frame), ""]
         if not self.domains.empty:
             out += ["## Domains: per held-out domain", "",
                     markdown_table(self.domains, ["label", "domain", "documents", "tokens", "token_perplexity",
-                                                  "mean_experts"]), ""]
+                                                  "mean_experts"], digits=3), ""]
         columns = ["task", "candidate", "reference", "candidate_k", "reference_k", "unit", "n", "test", "effect",
                    "ci_low", "ci_high", "p_adjusted", "verdict"]
-        out += ["## Paired comparisons", "", markdown_table(self.comparisons, columns), "", TIMING_NOTE, ""]
+        out += ["## Paired comparisons", "", markdown_table(self.comparisons, columns, digits=3), "", TIMING_NOTE, ""]
         if self.latency:
             out += ["## Latency (interleaved timing)", "",
                     f"From latency.json: {self.latency['method']}. Device {self.latency['device']} "
                     f"({self.latency['dtype']}), {self.latency['machine'].get('torch_threads')} torch threads, "
                     f"{self.latency['machine'].get('processor')}, {self.latency['machine'].get('platform')}.", "",
-                    markdown_table(latency_table(self.latency)), ""]
+                    markdown_table(latency_table(self.latency), digits=3), ""]
         if not self.prompt_stats.empty:
             first = self.prompt_stats.iloc[0]
             out += ["## Prompt suite: experts per token and expert load", "",
@@ -493,13 +424,13 @@ class Report:
                     "counts of the experts, their CV (std / mean) and max/min ratio averaged over the layers "
                     "(max/min is inf when an expert got no token; `dead_experts` counts those over all layers). "
                     "Floor/ceiling: share of (layer, token) counts at min_k / max_k.", "",
-                    markdown_table(self.prompt_stats, ["label", *PROMPT_STATS_COLUMNS[1:]]), ""]
+                    markdown_table(self.prompt_stats, ["label", *PROMPT_STATS_COLUMNS[1:]], digits=3), ""]
         if not self.prompts.empty:
             by = self.prompts.groupby(["label", "category"])["mean_experts"].mean().unstack()
             out += ["## Prompt suite: mean experts per token by category", "",
-                    markdown_table(by.reset_index(), ["label", *by.columns]), ""]
+                    markdown_table(by.reset_index(), ["label", *by.columns], digits=3), ""]
         if not failed.empty:
-            out += ["## Failed runs", "", markdown_table(failed, ["label", "task", "error"]), ""]
+            out += ["## Failed runs", "", markdown_table(failed, ["label", "task", "error"], digits=3), ""]
         out += ["## Figures", ""] + [f"![{f.caption}]({f.name}.png)\n\n{f.caption}\n" for f in self.figures]
         out += ["## Configuration and environment", "", "```json",
                 json.dumps({"context": self.context, "versions": self.versions}, indent=1, default=str), "```", ""]

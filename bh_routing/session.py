@@ -211,7 +211,8 @@ class Session:
     def say(self, text: str | list[str], heading: str | None = None, lead: bool = False) -> None:
         """Show Markdown (a list: bullet points) and keep it, under ``heading``, for the report (at its
         top with ``lead``, e.g. a summary computed last)."""
-        from .notebook_support import as_markdown, display_markdown
+        from .markdown import as_markdown
+        from .notebook_support import display_markdown
         text = as_markdown(text)
         display_markdown(text)
         (self.lead_blocks if lead else self.blocks).append(f"## {heading}\n\n{text}" if heading else text)
@@ -221,7 +222,7 @@ class Session:
         """Show ``frame`` as a Markdown table (``columns`` of it, floats to ``digits`` significant
         digits), keep it for the report under ``heading``, and save all of it as ``<csv>.csv`` in
         the results folder when ``csv`` is given; returns ``frame``."""
-        from .notebook_support import markdown_table
+        from .markdown import markdown_table
         if csv:
             frame.to_csv(self.folder / f"{csv}.csv", index=False)
         self.say(markdown_table(frame, columns, digits=digits), heading)

@@ -11,6 +11,7 @@ import torch
 
 from bh_routing import cost
 from bh_routing import notebook_support as nbs, session as sessions
+from bh_routing.markdown import markdown_table
 from conftest import needs_tiny
 
 pytestmark = pytest.mark.usefixtures("offline_hub")
@@ -54,10 +55,10 @@ def test_session_resolution(tmp_path):
 
 def test_markdown_table_zip_and_download(tmp_path):
     frame = pd.DataFrame({"a": [1, 123456], "b": [0.123456, float("nan")], "c": ["x|y", None], "d": [True, False]})
-    text = nbs.markdown_table(frame, digits=3)
+    text = markdown_table(frame, digits=3)
     assert text.splitlines()[0] == "| a | b | c | d |"
     assert "| 1 | 0.123 | x\\|y | yes |" in text and "| 123,456 | – | – | no |" in text
-    assert nbs.markdown_table(frame.iloc[:0]) == "_(no rows)_\n"
+    assert markdown_table(frame.iloc[:0]) == "_(no rows)_\n"
     folder = tmp_path / "results"
     (folder / "runs").mkdir(parents=True)
     (folder / "a.csv").write_text("x\n1\n")
