@@ -120,8 +120,6 @@ def test_compare_prompts_is_a_paired_t_over_prompts(tiny):
     tests = bp.compare_prompts(native, bh).set_index("metric")
     assert list(tests.index) == ["mean_experts", "nll"] and (tests["n"] == 12).all()
     assert tests.loc["nll", "t_pvalue"] == pytest.approx(stats.ttest_rel(bh.table["nll"], native.table["nll"]).pvalue)
-    from bh_routing import bh_diagnostics   # notebook 02's names still resolve, to the same objects
-    assert bh_diagnostics.score_prompts is bp.score_prompts and bh_diagnostics.compare_prompts is bp.compare_prompts
 
 
 @pytest.mark.parametrize("prompts, message", [([], "non-empty list"), ("a prompt", "non-empty list"),
