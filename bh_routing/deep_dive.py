@@ -272,17 +272,17 @@ def show_summary(session, one: OneToken, naive: list[str], baseline: pd.DataFram
     findings = [f for f in report.findings if f.is_finding]
     tested = [f for f in report.findings if f.family_size]
     lines = [f"On one token (layer {e.layer}), BH with `{e.pvalues}` p-values at α = {e.alpha} selects "
-            f"k* = {e.k_star} (router: {e.k_selected}).",
-            *naive[1:],
-            f"Baseline prompts under BH: {baseline['mean_experts'].mean():.2f} experts per token and layer, NLL "
-            f"{baseline['nll_native'].mean():.3f} → {baseline['nll_bh'].mean():.3f}.",
-            f"{int(nll['n'])} prompts: BH {bh_prompts.table['mean_experts'].mean():.2f} experts per token and layer "
-            f"(native: 8 by construction); paired NLL {nll['mean_difference']:+.3g} nats/token (95 % CI "
-            f"{nll['ci_low']:+.3g} to {nll['ci_high']:+.3g}).",
-            f"WikiText: native top-8 word perplexity {sweep.native_perplexity:.4g}; {len(findings)} of {len(tested)} "
-            "sweep configurations differ from it in paired tests after BH correction (which, and by how much: "
-            "`sweep/REPORT.md`).",
-            f"Analyze mode changed no logit (max |Δ| = {modes['max_abs_diff_analyze']:.1f})."]
+             f"k* = {e.k_star} (router: {e.k_selected}).",
+             *naive[1:],
+             f"Baseline prompts under BH: {baseline['mean_experts'].mean():.2f} experts per token and layer, NLL "
+             f"{baseline['nll_native'].mean():.3f} → {baseline['nll_bh'].mean():.3f}.",
+             f"{int(nll['n'])} prompts: BH {bh_prompts.table['mean_experts'].mean():.2f} experts per token and layer "
+             f"(native: 8 by construction); paired NLL {nll['mean_difference']:+.3g} nats/token (95 % CI "
+             f"{nll['ci_low']:+.3g} to {nll['ci_high']:+.3g}).",
+             f"WikiText: native top-8 word perplexity {sweep.native_perplexity:.4g}; {len(findings)} of {len(tested)} "
+             "sweep configurations differ from it in paired tests after BH correction (which, and by how much: "
+             "`sweep/REPORT.md`).",
+             f"Analyze mode changed no logit (max |Δ| = {modes['max_abs_diff_analyze']:.1f})."]
     session.say(lines, "Summary", lead=True)
     session.keep(summary=lines)
     return lines

@@ -209,3 +209,14 @@ def test_temperature_is_refused_where_selection_is_temperature_invariant(model):
     cal, _ = _calibration(layers=1)
     with pytest.raises(ValueError, match="temperature-invariant.*weights_temperature"):
         route(torch.randn(4, 64), {"strategy": "bh", "pvalues": model, "temperature": 2.0}, layer=0, calibration=cal)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 63, 64, 65])
+def test_zscore_row_median_is_numpys_for_every_row_length_and_ties(n):
+    from bh_routing.pvalues import _median
+    generator = torch.Generator().manual_seed(n)
+    for x in (torch.randn(300, n, generator=generator, dtype=torch.float64),
+              torch.randint(-3, 3, (300, n), generator=generator).double(),      # many ties
+              torch.randn(300, n, generator=generator).to(torch.bfloat16)):     # sorted in its own dtype
+        expected = torch.from_numpy(np.median(x.double().numpy(), axis=1))[:, None]
+        assert torch.equal(_median(x), expected)
