@@ -113,7 +113,7 @@ def _calibration(args, model, tokenizer, folder: Path | None = None, need_logits
 
 
 def _presets(name: str, budget, calibration, logits):
-    from . import experiments as ex
+    from . import experiments as ex, matching
     if name == "full":
         return ex.full_experiments(budget)
     if name == "deep-dive":
@@ -123,19 +123,19 @@ def _presets(name: str, budget, calibration, logits):
     if name == "matched":
         if logits is None:
             raise SystemExit("--preset matched searches knobs on calibration logits: run without --calibration")
-        return ex.matched_compute(budget, logits, calibration)
+        return matching.matched_compute(budget, logits, calibration)
     raise SystemExit(f"unknown preset {name!r}")
 
 
 def cmd_demo(args) -> int:
-    from . import experiments as ex
+    from . import experiments as ex, matching
     from .report import build_report
     out = Path(args.out)  # prepared and locked by main()
     started = time.time()
     model, tokenizer = _load(args)
     calibration, logits = _calibration(args, model, tokenizer, out, need_logits=True)
     budget = ex.BUDGETS[args.budget]
-    matched = ex.calibrate_to_mean_k({"strategy": "bh", "pvalues": "empirical"}, 4, logits, calibration)
+    matched = matching.calibrate_to_mean_k({"strategy": "bh", "pvalues": "empirical"}, 4, logits, calibration)
     configs = DEMO_RUNS + [(f"BH empirical @k̄=4 (α={matched['alpha']:.3g})", matched)]
     runs = [ex.Run(label, cfg, task, budget.n_for(task), max_length=budget.max_length, group="demo")
             for task in DEMO_TASKS for label, cfg in configs]

@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from . import experiments as ex
+from . import experiments as ex, matching
 from .evaluation import TASKS as EVAL_TASKS
 
 QUALITY_COLUMNS = {(task, metric.name): f"{task}_{metric.name}"   # (task, metric) -> comparison-table column
@@ -81,7 +81,7 @@ def matched_table(runs: pd.DataFrame, metric: str = "word_perplexity", task: str
 
 def matched_knobs(runs) -> pd.DataFrame:
     """Per matched-compute run: the target mean k, what its knob achieved on calibration text, and
-    the knob's value (runs of :func:`bh_routing.experiments.matched_compute`)."""
+    the knob's value (runs of :func:`bh_routing.matching.matched_compute`)."""
     return pd.DataFrame([{"label": r.label, "target k̄": r.routing["calibrated"]["target_k"],
                           "achieved on calibration": r.routing["calibrated"]["achieved_k"],
                           r.routing["calibrated"]["knob"]: r.routing[r.routing["calibrated"]["knob"]]}
@@ -95,7 +95,7 @@ def show_matched_runs(session, runs: Sequence["ex.Run"], calibration, calibratio
     from .session import MATCHED_SEARCH_TOKENS
     search = [logits.to(session.device) for logits in
               subsample(calibration_logits, MATCHED_SEARCH_TOKENS[session.budget_name], session.seed)]
-    matched = new_runs(runs, ex.matched_compute(session.budget, search, calibration, ("wikitext",), targets))
+    matched = new_runs(runs, matching.matched_compute(session.budget, search, calibration, ("wikitext",), targets))
     session.table(matched_knobs(matched), "Matched compute: the knobs", digits=4)
     return matched
 

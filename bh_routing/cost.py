@@ -64,12 +64,12 @@ def estimate_sweep(runs: Sequence["ex.Run"], tokenizer, tokens_per_s: float = T4
     return table[columns]
 
 
-MATCHED_STRATEGIES = 5  # experiments.matched_compute: 5 adaptive strategies per target (its top-k runs are in the preset)
+MATCHED_STRATEGIES = 5  # matching.matched_compute: 5 adaptive strategies per target (its top-k runs are in the preset)
 
 
 def matched_runs_for_estimate(budget: "ex.Budget", targets: Sequence[int] = (2, 4, 6, 8),
                               tasks: Sequence[str] = ("wikitext",)) -> list["ex.Run"]:
-    """Stand-ins for the runs :func:`bh_routing.experiments.matched_compute` adds (same tasks, items
+    """Stand-ins for the runs :func:`bh_routing.matching.matched_compute` adds (same tasks, items
     and lengths), to estimate its cost before its knob search runs."""
     return [ex.Run(f"matched k={k} #{i}", {"strategy": "topk", "k": k}, task, budget.n_for(task),
                    max_length=budget.max_length, group=f"matched k={k}")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bh_routing import Calibration, build_router
-from bh_routing import experiments as ex
+from bh_routing import experiments as ex, matching
 from bh_routing.__main__ import main
 from bh_routing.models import TINY_MODEL_DIR, resolve_device
 from bh_routing.store import ResultStore, check_run_id
@@ -124,11 +124,11 @@ API = [
     ("sweep: not a Run", lambda t: _sweep(t, [{"label": "x"}]), ["not a Run"]),
     ("sweep: two budgets in one folder", lambda t: _sweep(t, [_run(), _run(label="y", n=2)]), ["different budgets", "wikitext"]),
     ("sweep: --out is a file", lambda t: _sweep(t, [_run()], out="a_file"), ["is a file, not a folder"]),
-    ("calibrate_to_mean_k target > max_k", lambda t: ex.calibrate_to_mean_k(CALIBRATE, 20, [torch.randn(50, 64)]),
+    ("calibrate_to_mean_k target > max_k", lambda t: matching.calibrate_to_mean_k(CALIBRATE, 20, [torch.randn(50, 64)]),
      ["target_k=20 is unreachable", "[1, 8]"]),
-    ("calibrate_to_mean_k topk", lambda t: ex.calibrate_to_mean_k({"strategy": "topk"}, 4, [torch.randn(50, 64)]),
+    ("calibrate_to_mean_k topk", lambda t: matching.calibrate_to_mean_k({"strategy": "topk"}, 4, [torch.randn(50, 64)]),
      ["supports", "'topk'"]),
-    ("calibrate_to_mean_k config string", lambda t: ex.calibrate_to_mean_k("bh", 4, [torch.randn(50, 64)]),
+    ("calibrate_to_mean_k config string", lambda t: matching.calibrate_to_mean_k("bh", 4, [torch.randn(50, 64)]),
      ["config must be a routing config dict"]),
     ("calibrate tokens -5", lambda t: ex.calibrate(t["tiny"][0], t["tiny"][1], max_tokens=-5), ["max_tokens must be a whole number"]),
     ("calibration file garbage", lambda t: Calibration.load(t["files"]["garbage"]),
@@ -238,4 +238,4 @@ def test_alpha_accepts_numpy_and_torch_scalars():
 def test_unreachable_mean_k_warns_with_what_was_reached():
     one_token = [torch.randn(1, 64, generator=torch.Generator().manual_seed(1))]  # its k is a whole number
     with pytest.warns(UserWarning, match=r"reaches mean k [23]\.000, not the target 2\.5"):
-        ex.calibrate_to_mean_k({"strategy": "top_p", "max_k": 8}, 2.5, one_token)
+        matching.calibrate_to_mean_k({"strategy": "top_p", "max_k": 8}, 2.5, one_token)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from bh_routing import experiments as ex
+from bh_routing import experiments as ex, matching
 from bh_routing import route
 from bh_routing.store import ResultStore
 from conftest import needs_tiny
@@ -57,7 +57,7 @@ def _logits(layers=2, tokens=3000, seed=0):
 def test_calibrate_to_mean_k_hits_the_target(config):
     logits = _logits()
     for target in (2, 4, 6):
-        found = ex.calibrate_to_mean_k(config, target, logits)
+        found = matching.calibrate_to_mean_k(config, target, logits)
         achieved = np.mean([route(l, found, layer=i).counts.float().mean().item() for i, l in enumerate(logits)])
         assert abs(achieved - target) < 0.1, (found, achieved)
         assert found["calibrated"]["achieved_k"] == pytest.approx(achieved, abs=1e-3)
@@ -65,7 +65,7 @@ def test_calibrate_to_mean_k_hits_the_target(config):
 
 def test_calibrate_to_mean_k_per_layer():
     logits = _logits()  # the two layers have differently peaked routers, so the knobs differ
-    found = ex.calibrate_to_mean_k({"strategy": "top_p", "max_k": 8}, 3, logits, per_layer=True)
+    found = matching.calibrate_to_mean_k({"strategy": "top_p", "max_k": 8}, 3, logits, per_layer=True)
     knobs = []
     for layer, config in found["per_layer"].items():
         assert abs(route(logits[layer], config).counts.float().mean().item() - 3) < 0.1

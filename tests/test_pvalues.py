@@ -198,7 +198,7 @@ def test_calibration_requirement_closed_form():
 
 
 def test_calibrate_to_mean_k_bisects_through_the_resolution_band():
-    from bh_routing.experiments import calibrate_to_mean_k
+    from bh_routing.matching import calibrate_to_mean_k
     cal, logits = _calibration(layers=1, tokens=10000)
     found = calibrate_to_mean_k({"strategy": "by", "pvalues": "empirical"}, 1.2, logits, cal, iterations=40)
     assert 1.0 <= found["calibrated"]["achieved_k"] <= 1.6

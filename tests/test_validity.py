@@ -29,7 +29,7 @@ import pytest
 import torch
 from statsmodels.stats.multitest import multipletests
 
-from bh_routing import experiments as ex
+from bh_routing import experiments as ex, matching
 from bh_routing import bh_diagnostics as bhd
 from bh_routing import pvalues as pv
 from bh_routing.__main__ import DEMO_RUNS
@@ -47,10 +47,10 @@ def preset_stepup_configs() -> list[dict]:
     """Every bh/by routing config a preset, the demo or a notebook can run, with build_router's defaults."""
     budget = ex.BUDGETS["smoke"]
     configs = [r.routing for r in ex.full_experiments(budget) + ex.bh_deep_dive(budget) + ex.prompt_suite(budget)]
-    configs += list(ex.MATCHED_ADAPTIVE.values()) + [cfg for _, cfg in DEMO_RUNS]
+    configs += list(matching.MATCHED_ADAPTIVE.values()) + [cfg for _, cfg in DEMO_RUNS]
     # matched compute searches alpha over KNOBS' range; notebook 02's slider spans LIVE_SLIDERS
     for strategy in ("bh", "by"):
-        low, high = ex.KNOBS[strategy][1:3]
+        low, high = matching.KNOBS[strategy][1:3]
         configs += [{"strategy": strategy, "alpha": a} for a in (low, high)]
     configs += [{"strategy": "bh", "alpha": a} for a in bhd.LIVE_SLIDERS["alpha"]]
     configs += [{"strategy": "bh", "weights_temperature": t} for t in bhd.LIVE_SLIDERS["weights_temperature"]]
@@ -65,7 +65,7 @@ PROCEDURES = ("bh", "by")
 
 
 def test_the_enumeration_sees_every_preset_knob():
-    assert min(KNOB_VALUES["alpha"]) == ex.KNOBS["bh"][1]  # down to the smallest alpha any search reaches
+    assert min(KNOB_VALUES["alpha"]) == matching.KNOBS["bh"][1]  # down to the smallest alpha any search reaches
     assert {0.01, 0.05, 0.10, 0.50} <= set(KNOB_VALUES["alpha"])
     assert {8, 16, 64} <= set(KNOB_VALUES["max_k"])
     assert set(ex.SOFTMAX_TEMPERATURES) <= set(KNOB_VALUES["temperature"])
