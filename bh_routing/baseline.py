@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from . import native_routing as native
-from . import plots, routing_plots as rplots
+from . import routing_plots as rplots
 
 STATS_COLUMNS = ["layer", "max_weight_mean", "max_weight_median", "entropy_nats", "entropy_norm", "topk_mass",
                  "mass_left_out", "top_expert", "top_expert_usage", "top1_expert", "top1_share", "load_cv",
@@ -43,7 +43,7 @@ def show_usage(session, sample) -> None:
     """Expert load per layer (native top-k)."""
     usage = native.expert_usage(sample)  # [L, N] tokens routed
     pd.DataFrame(usage).add_prefix("expert_").rename_axis("layer").to_csv(session.folder / "expert_usage.csv")
-    session.figure(plots.plot_expert_utilization(usage, subtitle=session.subtitle), "expert_usage_heatmap",
+    session.figure(rplots.plot_expert_utilization(usage, subtitle=session.subtitle), "expert_usage_heatmap",
                    "Expert usage per layer, relative to the layer's mean load (1 = uniform, 0 = never chosen).")
     session.say(native.describe_usage(usage, sample.num_tokens))
 
@@ -78,7 +78,7 @@ def show_coactivation(session, sample) -> pd.DataFrame:
     layer = sample.num_layers // 2
     jaccard = coactivation(sample.native_indices()[layer], sample.num_experts, normalize="jaccard")[0]
     np.fill_diagonal(jaccard, np.nan)  # [N, N]; an expert with itself says nothing
-    session.figure(plots.plot_coactivation(jaccard, subtitle=session.subtitle,
+    session.figure(rplots.plot_coactivation(jaccard, subtitle=session.subtitle,
                                            title=f"Expert co-activation (Jaccard), layer {layer}"),
                    "coactivation", "Expert co-activation (Jaccard) in the middle layer.")
     pairs = session.table(native.coactivation_pairs(sample, layer, n=10), "Co-activation", digits=3,

@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import plots
 
 # =========================================================================== BH explained (notebook 02)
 
@@ -202,8 +201,9 @@ def reroute(model, tokenizer, prompt: str, calibration=None, alpha: float = 0.05
             routed = torch.softmax(model(input_ids=ids, use_cache=False).logits[0, -1].float(), dim=-1)
             counts = patch.recorder.counts()
     pieces = [tokenizer.decode([int(t)]) for t in ids[0]]
-    fig = plots.plot_token_experts(pieces, counts, min_k=1, max_k=max_k,
-                                   subtitle=subtitle or f"BH {pvalues} α={alpha} weights T={weights_temperature}")
+    from .routing_plots import plot_token_experts  # which imports this module
+    fig = plot_token_experts(pieces, counts, min_k=1, max_k=max_k,
+                             subtitle=subtitle or f"BH {pvalues} α={alpha} weights T={weights_temperature}")
 
     def top5(p):
         values, index = torch.topk(p, 5)

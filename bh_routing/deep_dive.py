@@ -442,7 +442,7 @@ def show_temperatures(session, sweep: SweepTables, alpha: float) -> None:
 
 def show_token_counts(session, scores, prompt_id: str) -> None:
     """Section 6: experts per token of one prompt (mean over layers, and per layer)."""
-    from .plots import plot_token_experts
+    from .routing_plots import plot_token_experts
     from .routing_plots import plot_count_heatmap
     pieces, counts = scores.tokens[prompt_id], scores.counts[prompt_id]  # counts [L, T]
     subtitle = f"{session.subtitle} · {scores.label}"
@@ -479,7 +479,7 @@ def show_comparison(session, native, bh) -> pd.DataFrame:
 
 def show_utilisation(session, native, bh, num_experts: int) -> pd.DataFrame:
     """Section 8: per-expert load under native and BH on the same prompts."""
-    from .plots import plot_expert_utilization
+    from .routing_plots import plot_expert_utilization
     loads = {native.label: native.load(num_experts), bh.label: bh.load(num_experts)}  # [L, N] each
     for (name, load), slug in zip(loads.items(), ("native", "bh")):
         session.figure(plot_expert_utilization(load, subtitle=f"{session.subtitle} · {name}"), f"utilisation_{slug}",

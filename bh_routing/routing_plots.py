@@ -6,13 +6,15 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
+import matplotlib
 import numpy as np
 import pandas as pd
 import seaborn as sns
 import torch
+from matplotlib.figure import Figure
 
 from . import plots
-from .plots import _figure, _legend_outside, _style, _title, _width  # one style for every figure of the package
+from .plots import _figure, _legend_outside, _style, _title, _width, label_for  # one style for every figure of the package
 from .native_routing import RoutingSample, _entropy_nats
 from .bh_diagnostics import BhExplanation
 
@@ -271,3 +273,68 @@ def plot_maxk_lines(grid: pd.DataFrame, metric: str, topk: pd.DataFrame | None =
         ax.set_ylabel(ylabel or plots.label_for(metric))
         _legend_outside(ax)
         return _title(fig, title or f"{plots.label_for(metric)} vs max_k", subtitle)
+
+
+# =========================================================================== tokens, experts, layers
+
+
+def plot_token_experts(tokens, counts, min_k: int | None = None, max_k: int | None = None,
+                       subtitle: str | None = None) -> Figure:
+    """Token-level bars: experts per token (mean over layers for ``counts`` [L, T], with min–max
+    over layers as error bars; ``counts`` [T] as is). ``tokens``: T strings (decoded pieces)."""
+    c = np.asarray(counts, dtype=np.float64)
+    c = c[None, :] if c.ndim == 1 else c
+    c = np.where(c >= 0, c, np.nan)  # the recorder's -1 = not recorded
+    mean = np.nanmean(c, axis=0)
+    err = np.vstack([mean - np.nanmin(c, axis=0), np.nanmax(c, axis=0) - mean]) if c.shape[0] > 1 else None
+    with _style():
+        fig, axes = _figure(width=_width(len(mean), 0.3, 1.5))
+        ax = axes[0, 0]
+        norm = matplotlib.colors.Normalize(vmin=min_k if min_k is not None else np.nanmin(mean),
+                                           vmax=max_k if max_k is not None else np.nanmax(mean) + 1e-9)
+        colors = matplotlib.colormaps["viridis"](norm(mean))
+        ax.bar(np.arange(len(mean)), mean, yerr=err, color=colors, capsize=2, edgecolor="white")
+        ax.set_xticks(np.arange(len(mean)), [repr(str(t))[1:-1] for t in tokens], rotation=90, fontsize=7)
+        for bound, name in ((min_k, "min_k"), (max_k, "max_k")):
+            if bound is not None:
+                ax.axhline(bound, ls="--", lw=1, color="0.4")
+                ax.annotate(name, (1.0, bound), xycoords=("axes fraction", "data"), fontsize=7, va="bottom", ha="right")
+        ax.set_xlabel("token")
+        ax.set_ylabel("experts per layer" + (" (mean; bars: min–max over layers)" if err is not None else ""))
+        return _title(fig, "Experts per token", subtitle)
+
+
+def plot_expert_utilization(load, normalize: str = "relative", layers=None, subtitle: str | None = None) -> Figure:
+    """Heatmap layers × experts of the load [L, N] (e.g. :func:`analysis.load_counts`).
+    ``normalize``: ``"relative"`` = load / mean load of its layer (1 = uniform, 0 = dead),
+    ``"share"`` = fraction of the layer's assignments, ``None`` = raw counts."""
+    x = np.asarray(load, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if normalize == "relative":
+            x, bar = x / x.mean(axis=1, keepdims=True), "load / mean load of the layer (1 = uniform)"
+        elif normalize == "share":
+            x, bar = x / x.sum(axis=1, keepdims=True), "share of the layer's assignments"
+        else:
+            bar = "tokens routed"
+    layer_ids = np.arange(x.shape[0]) if layers is None else list(layers)
+    with _style():
+        fig, axes = _figure(width=_width(x.shape[1], 0.18, 3), height=max(3.2, 1.8 + 0.3 * x.shape[0]))
+        ax = axes[0, 0]
+        sns.heatmap(x, ax=ax, cmap="viridis", cbar_kws={"label": bar}, yticklabels=layer_ids,
+                    xticklabels=max(1, x.shape[1] // 16))
+        ax.set_xlabel("expert")
+        ax.set_ylabel(label_for("layer"))
+        return _title(fig, "Expert utilisation", subtitle)
+
+
+def plot_coactivation(matrix, subtitle: str | None = None, title: str = "Expert co-activation") -> Figure:
+    """Heatmap of one layer's co-activation [N, N] (:func:`analysis.coactivation`, any normalisation)."""
+    m = np.asarray(matrix, dtype=np.float64)
+    with _style():
+        fig, axes = _figure(width=6.4, height=5.6)
+        ax = axes[0, 0]
+        sns.heatmap(m, ax=ax, cmap="mako", square=True, cbar_kws={"label": "co-activation"},
+                    xticklabels=max(1, m.shape[1] // 16), yticklabels=max(1, m.shape[0] // 16))
+        ax.set_xlabel("expert j")
+        ax.set_ylabel("expert i")
+        return _title(fig, title, subtitle)

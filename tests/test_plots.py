@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bh_routing import analysis, plots
+from bh_routing import analysis, plots, routing_plots as rplots
 
 
 def _dominated_brute_force(points, higher_is_better):
@@ -81,8 +81,8 @@ def _figures():
         "pareto_accuracy": plots.plot_pareto(runs, quality="accuracy", higher_is_better=True, dataset=None),
         "alpha": plots.plot_alpha_sensitivity(wiki, metrics=["mean_experts", "perplexity"], subtitle=sub),
         "temperature": plots.plot_temperature_sensitivity(wiki[wiki.strategy == "top_p"], subtitle=sub),
-        "tokens": plots.plot_token_experts([f"tok{i}" for i in range(12)], counts, min_k=1, max_k=8, subtitle=sub),
-        "tokens_1d": plots.plot_token_experts(["a", "\n", "b"], np.array([1, 2, 3])),
+        "tokens": rplots.plot_token_experts([f"tok{i}" for i in range(12)], counts, min_k=1, max_k=8, subtitle=sub),
+        "tokens_1d": rplots.plot_token_experts(["a", "\n", "b"], np.array([1, 2, 3])),
         "bars": plots.plot_comparison_bars(few.assign(lo=few.perplexity - 1, hi=few.perplexity + 1), "perplexity",
                                            ci=("lo", "hi"), subtitle=sub),
         "experts_by_config": plots.plot_experts_by_config(few, subtitle=sub),
@@ -90,9 +90,9 @@ def _figures():
         "reduction_by_task": plots.plot_reduction(runs.assign(task=runs.dataset), subtitle=sub),
         "load_cv": plots.plot_load_cv(load_frame, subtitle=sub),
         "load_cv_bars": plots.plot_load_cv(few, value="load_cv", layer="no_such_column"),
-        "utilisation": plots.plot_expert_utilization(load, subtitle=sub),
-        "utilisation_share": plots.plot_expert_utilization(load, normalize="share"),
-        "coactivation": plots.plot_coactivation(analysis.coactivation(indices, 16, normalize="jaccard")[0]),
+        "utilisation": rplots.plot_expert_utilization(load, subtitle=sub),
+        "utilisation_share": rplots.plot_expert_utilization(load, normalize="share"),
+        "coactivation": rplots.plot_coactivation(analysis.coactivation(indices, 16, normalize="jaccard")[0]),
         "boxes": plots.plot_paired_boxplots(prompts, unit="prompt", ylabel="NLL per prompt", subtitle=sub),
         "diff_hist": plots.plot_difference_histogram(base, base + rng.normal(0.1, 0.2, 30), subtitle=sub),
         "diff_hist_zero": plots.plot_difference_histogram(base, base),
