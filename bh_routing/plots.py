@@ -1,4 +1,5 @@
-"""Every figure of the suite. Each function takes a tidy DataFrame (or arrays), returns a matplotlib
+"""The suite's figure style and the figures of sweeps (the router's own figures, per token, expert and
+layer, are in :mod:`bh_routing.routing_plots`, in this style). Each function takes a tidy DataFrame (or arrays), returns a matplotlib
 ``Figure`` and labels every axis; ``subtitle`` (model, data, settings) becomes the title's second
 line, so a figure always says what produced it. ``save(fig, path)`` writes 150 dpi, ``export`` 300.
 
