@@ -289,7 +289,7 @@ class FusedLayout:
 
 
 
-class ScaledInputLayout:
+class ScaledInputLayout(FusedLayout):  # its experts' shape and top_k read as FusedLayout's; the rest differs
     """Llama-4 (transformers 4.51 on): ``router = nn.Linear`` subclass with ``top_k`` returning
     ``(scores [T, E], logits [T, E])`` — scores the routing weight of each chosen expert, 0 elsewhere;
     ``experts(x)`` with ``gate_up_proj [E, H, 2I]``, ``down_proj [E, I, H]`` takes *every* token
@@ -305,14 +305,6 @@ class ScaledInputLayout:
         return (isinstance(router, nn.Linear) and hasattr(router, "top_k") and hasattr(experts, "gate_up_proj")
                 and hasattr(experts, "down_proj")
                 and len(inspect.signature(type(experts).forward).parameters) == 2)  # (self, every row)
-
-    @staticmethod
-    def num_experts(block) -> int:
-        return int(block.experts.gate_up_proj.shape[0])
-
-    @staticmethod
-    def top_k(block) -> int:
-        return int(router_of(block).top_k)
 
     @staticmethod
     def router_gives_logits(gate) -> bool:
