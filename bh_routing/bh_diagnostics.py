@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .pvalues import PVALUE_MODELS
+
 
 # =========================================================================== BH explained (notebook 02)
 
@@ -82,7 +84,7 @@ def bh_explain(router_logits: torch.Tensor, layer: int, alpha: float = 0.05, pva
 
 
 def pvalue_diagnostics(router_logits: Sequence[torch.Tensor], calibration=None, alpha: float = 0.05,
-                       models: Sequence[str] = ("softmax", "pooled", "empirical", "zscore"), max_k: int = 8,
+                       models: Sequence[str] = PVALUE_MODELS, max_k: int = 8,
                        ) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     """Why naive p-values fail, on the model's own logits. Per p-value model and layer:
     ``min_p_median`` (median over tokens of the smallest of the N p-values), ``reach_rate`` (share of
@@ -115,7 +117,7 @@ def pvalue_diagnostics(router_logits: Sequence[torch.Tensor], calibration=None, 
 
 
 def alpha_curve(router_logits: Sequence[torch.Tensor], calibration=None, alphas: Sequence[float] = (
-        0.01, 0.02, 0.05, 0.10, 0.15, 0.20, 0.30, 0.50), models: Sequence[str] = ("softmax", "pooled", "empirical", "zscore"),
+        0.01, 0.02, 0.05, 0.10, 0.15, 0.20, 0.30, 0.50), models: Sequence[str] = PVALUE_MODELS,
         max_k: int = 8, min_k: int = 1, procedure: str = "bh") -> pd.DataFrame:
     """What BH *would* select on recorded native logits (analyze mode: later layers see native
     hidden states), per p-value model, α and layer: ``mean_experts``, ``floor_rate``, ``ceiling_rate``."""

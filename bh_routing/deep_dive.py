@@ -13,8 +13,7 @@ import pandas as pd
 
 from . import bh_diagnostics as bhd
 from .prompts import compare_prompts
-
-PVALUE_MODELS = ("softmax", "pooled", "empirical", "zscore")
+from .pvalues import PVALUE_MODELS
 
 
 # =========================================================================== 1 · one token
@@ -35,16 +34,14 @@ def one_token(model, tokenizer, prompt: str, calibration, alpha: float, pvalues:
     sample = record_native_routing(model, tokenizer, {"prompt": [prompt]}, progress=False)
     layer, token = sample.num_layers // 2, sample.num_tokens - 1
     logits = sample.logits[layer][token]  # [N]
-    rows = []
-    for name in PVALUE_MODELS:
-        e = bhd.bh_explain(logits, layer, alpha, name, calibration)
-        rows.append({"pvalues": name, "smallest p": e.table["pvalue"].iloc[0], "α/N": alpha / sample.num_experts,
-                     "k*": e.k_star, "selected": e.k_selected, "router agrees": e.router_agrees})
-    by_model = pd.DataFrame(rows)
+    explained = {name: bhd.bh_explain(logits, layer, alpha, name, calibration)
+                 for name in dict.fromkeys([*PVALUE_MODELS, pvalues])}
+    by_model = pd.DataFrame([{"pvalues": name, "smallest p": e.table["pvalue"].iloc[0],
+                              "α/N": alpha / sample.num_experts, "k*": e.k_star, "selected": e.k_selected,
+                              "router agrees": e.router_agrees} for name, e in explained.items()])
     if not by_model["router agrees"].all():
         raise AssertionError(f"the router's selection differs from the step-up table:\n{by_model}")
-    return OneToken(bhd.bh_explain(logits, layer, alpha, pvalues, calibration), by_model,
-                    tokenizer.decode([int(sample.token_ids[token])]))
+    return OneToken(explained[pvalues], by_model, tokenizer.decode([int(sample.token_ids[token])]))
 
 
 EXPLAIN_COLUMNS = ["rank", "expert", "logit", "prob", "pvalue", "critical", "below_line", "bh", "selected",

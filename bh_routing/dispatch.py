@@ -21,7 +21,6 @@ Two expert layouts are supported:
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
@@ -166,7 +165,7 @@ def moe_fused(hidden: torch.Tensor, pairs: Pairs, gate_up_proj: torch.Tensor, do
     rows = hidden[pairs.token]  # [P, H] sorted by expert
     if weight_inputs:
         rows = _weigh(rows, pairs.weight, weights_dtype)
-        pairs = dataclasses.replace(pairs, weight=torch.ones_like(pairs.weight))  # x·1 is exact
+        pairs = replace(pairs, weight=torch.ones_like(pairs.weight))  # x·1 is exact
     rows = rows.to(gate_up_proj.dtype)
     if rows.shape[0] == 0:
         return torch.zeros_like(hidden)

@@ -123,10 +123,7 @@ def score_prompts(model, tokenizer, prompts: Sequence[Mapping[str, str]], config
                 read += request.tokens[-n - 1:-1]                     # the tokens at the predicting positions
                 count.append(scores.experts.T.astype(np.int64))      # [L, n], the engine's recorder output
                 chosen.append(arrays["experts"][:, -n:].astype(np.int64))  # [L, n, K]
-            count = np.concatenate(count, axis=1)
-            width = max(c.shape[2] for c in chosen)
-            chosen = np.concatenate([np.pad(c, ((0, 0), (0, 0), (0, width - c.shape[2])), constant_values=-1)
-                                     for c in chosen], axis=1)
+            count, chosen = np.concatenate(count, axis=1), _join_experts(chosen)
             logprob = np.concatenate(logprobs).astype(np.float64)
             rows.append({"id": prompt["id"], "category": prompt.get("category", ""), "n_tokens": len(logprob),
                          "nll": float(-logprob.mean()), "mean_experts": float(count.mean()),
@@ -141,6 +138,13 @@ def score_prompts(model, tokenizer, prompts: Sequence[Mapping[str, str]], config
                 row.update(continuation)
     return PromptScores(label or str(dict(config)), dict(config), pd.DataFrame(rows), tokens, counts, experts,
                         int(min_k.min()), int(max_k.max()), generation)
+
+
+def _join_experts(parts: Sequence[np.ndarray]) -> np.ndarray:
+    """[L, T_i, K_i] chosen-expert arrays -> [L, ΣT_i, max K_i], short rows padded with -1."""
+    width = max(part.shape[2] for part in parts)
+    return np.concatenate([np.pad(part, ((0, 0), (0, 0), (0, width - part.shape[2])), constant_values=-1)
+                           for part in parts], axis=1)
 
 
 def _left_padded(encoded: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,9 +212,7 @@ def prompt_statistics(scores: PromptScores, num_experts: int) -> dict:
     ``dead_experts`` (summed over layers); ``floor_rate``/``ceiling_rate`` over (layer, token)."""
     ids = list(scores.counts)
     counts = np.concatenate([scores.counts[i] for i in ids], axis=1)             # [L, T]
-    width = max(scores.experts[i].shape[2] for i in ids)
-    chosen = np.concatenate([np.pad(scores.experts[i], ((0, 0), (0, 0), (0, width - scores.experts[i].shape[2])),
-                                    constant_values=-1) for i in ids], axis=1)   # [L, T, K]
+    chosen = _join_experts([scores.experts[i] for i in ids])                      # [L, T, K]
     per = analysis.experts_per_token(counts)
     over_tokens = analysis.describe(per["per_token"])
     layer_means = per["per_layer"]["mean"].to_numpy(float)
