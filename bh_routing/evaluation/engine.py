@@ -2,6 +2,7 @@
 bucketing under a token budget (halved on out-of-memory), shared-prefix packing, routing counts."""
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -9,6 +10,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from .batching import plan_batches
 from .tokenize import Request
 
 # ==================================================================================================
@@ -96,7 +98,6 @@ _LOGIT_CHUNK_BYTES = 64 * 2 ** 20   # float32 logits of one chunk of scored posi
 # 4 MiB chunks vs 29 ms in 64 MiB ones); at least 256 rows, so a large vocabulary's projection
 # weights are still read once per 256 positions.
 _CPU_LOGIT_CHUNK_BYTES, _CPU_MIN_CHUNK_ROWS = 4 * 2 ** 20, 256
-_MIN_LENGTH_RATIO = 0.8             # a batch holds sequences of at least 80 % of its longest's length
 
 
 def _token_logprobs(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor] | None,
@@ -127,9 +128,10 @@ def score_requests(model, requests: Sequence[Request], *, batch_size: int | str 
                    softmax_dtype: str | torch.dtype | None = "float32") -> Scores:
     """Log-probabilities of every request's scored tokens, batched.
 
-    batch_size: "auto" packs length-sorted requests under a token budget (`max_batch_tokens`, default
-        `auto_batch_tokens`), starting a new batch when lengths fall below 80 % of the batch's
-        longest; an int fixes the number of sequences per batch. Either way an out-of-memory error
+    batch_size: "auto" splits the length-sorted requests into batches under a token budget
+        (`max_batch_tokens`, default `auto_batch_tokens`), the split with the fewest padded tokens
+        plus a fixed cost per forward pass (`batching.plan_batches`); an int fixes the number of
+        sequences per batch. Either way an out-of-memory error
         halves the batch and the evaluation goes on.
     padding_side: "right" or "left"; scores do not depend on it (positions come from the mask).
     share_prefix: requests whose unscored inputs are identical (HellaSwag's 4 endings) run that
@@ -153,39 +155,25 @@ def score_requests(model, requests: Sequence[Request], *, batch_size: int | str 
     else:
         budget, per_batch = None, int(batch_size)
 
-    # Length bucketing: longest first (an OOM happens at once, and the padded length of a batch is
-    # that of its first unit); ties in request order, so runs are reproducible.
+    # Units longest first within each kind (an OOM shows at once, and a batch's row width is that of
+    # its first unit); ties in request order, so runs are reproducible.
     units, cost = score_units(model, requests, share_prefix)
     n_groups = sum(len(unit) > 1 for unit in units)
-    order = sorted(range(len(units)), key=lambda u: (-cost[u], units[u][0]))
+    order = sorted(range(len(units)), key=lambda u: (len(units[u]) == 1, -cost[u], units[u][0]))
+    batches = _plan(order, units, cost, budget, per_batch)
     lengths = np.array([r.n_scored for r in requests], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     logprobs = np.zeros(offsets[-1], dtype=np.float32)
     greedy = np.zeros(offsets[-1], dtype=bool)
     experts = experts_all = None
-    n_batches = real_tokens = padded_tokens = oom_retries = 0
+    n_batches = real_tokens = padded_tokens = oom_retries = done = 0
     started = time.perf_counter()
 
-    position = 0
-    while position < len(order):
-        # a batch: consecutive units of one kind (single or shared-prefix) under the budget
-        first = units[order[position]]
-        shared = len(first) > 1
-        longest = cost[order[position]]   # the batch's row width
-        taken, tokens, n_sequences = [first], longest, len(first)
-        for u in order[position + 1:]:
-            unit = units[u]
-            if (len(unit) > 1) != shared:
-                break
-            if per_batch is not None:
-                if n_sequences + len(unit) > per_batch:
-                    break
-            # "auto": rows x the longest row under the budget; a new bucket when rows get far
-            # shorter than the longest (bounds padding)
-            elif (len(taken) + 1) * longest > budget or cost[u] < _MIN_LENGTH_RATIO * longest:
-                break
-            taken.append(unit)
-            tokens, n_sequences = tokens + cost[u], n_sequences + len(unit)
+    while batches:
+        taken = [units[u] for u in batches[0]]
+        shared = len(taken[0]) > 1
+        longest = cost[batches[0][0]]   # the batch's row width
+        tokens, n_sequences = sum(cost[u] for u in batches[0]), sum(map(len, taken))
         batch_units = [[requests[i] for i in unit] for unit in taken]
         try:
             if shared:
@@ -207,6 +195,7 @@ def score_requests(model, requests: Sequence[Request], *, batch_size: int | str 
                 per_batch = max(1, n_sequences // 2)
             else:
                 budget = max(longest, (len(taken) // 2) * longest)
+            batches = _plan([u for batch in batches for u in batch], units, cost, budget, per_batch)
             continue
         flat = [i for unit in taken for i in unit]
         for j, request_index in enumerate(flat):
@@ -222,9 +211,10 @@ def score_requests(model, requests: Sequence[Request], *, batch_size: int | str 
         n_batches += 1
         real_tokens += tokens
         padded_tokens += padded
-        position += len(taken)
+        done += len(taken)
+        batches.pop(0)
         if progress and n_batches % 10 == 0:
-            print(f"[evaluate] {position}/{len(order)} units, {n_batches} batches", flush=True)
+            print(f"[evaluate] {done}/{len(order)} units, {n_batches} batches", flush=True)
 
     seconds = time.perf_counter() - started
     # input_tokens: the requests' inputs (lm-eval's workload, the same for every method: tokens/s
@@ -240,6 +230,28 @@ def score_requests(model, requests: Sequence[Request], *, batch_size: int | str 
              "softmax_dtype": str(softmax_dtype).replace("torch.", "") if softmax_dtype else "model dtype",
              "logits": "scored positions only" if split is not None else "full (model forward)"}
     return Scores(logprobs, greedy, offsets, experts, experts_all, stats)
+
+
+def _plan(order: Sequence[int], units: Sequence[Sequence[int]], cost: Sequence[int], budget: int | None,
+          per_batch: int | None) -> list[list[int]]:
+    """`order` (unit ids, one kind after the other, longest first) cut into batches of one kind: at
+    most `per_batch` sequences each, or else `plan_batches` under the token budget."""
+    batches = []
+    for _, run in itertools.groupby(order, key=lambda u: len(units[u]) > 1):
+        run = list(run)
+        if per_batch is None:
+            sizes = plan_batches([cost[u] for u in run], budget)
+        else:
+            sizes, n_sequences = [], per_batch
+            for u in run:
+                if n_sequences + len(units[u]) > per_batch:
+                    sizes.append(0)
+                    n_sequences = 0
+                sizes[-1] += 1
+                n_sequences += len(units[u])
+        for end, size in zip(np.cumsum(sizes), sizes):
+            batches.append(run[end - size:end])
+    return batches
 
 
 def score_units(model, requests: Sequence[Request], share_prefix: bool = True) -> tuple[list[list[int]], list[int]]:
