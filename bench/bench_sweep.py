@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from bh_routing import experiments as ex
-from bh_routing.data import prompt_set
+from bh_routing.prompt_sets import prompt_set
 from bh_routing.models import load_model
 from bh_routing.patching import RoutingPatch
 

@@ -130,7 +130,7 @@ def show_calibration(session, model, tokenizer):
 def show_domains(session, model, tokenizer, top_k: int) -> pd.DataFrame:
     """Native perplexity on held-out text of each domain (the evaluator's ``domains`` task)."""
     from . import evaluation as ev
-    from .report import per_domain
+    from .report_tables import per_domain
     result = ev.evaluate(model, tokenizer, "domains", max_length=min(1024, ev.resolve_max_length(model, tokenizer)))
     table = session.table(per_domain(result), "Held-out domain text", digits=4)
     session.say(native.describe_domains(result.metrics["token_perplexity"], table, top_k))

@@ -19,7 +19,7 @@ HEADLINE_COLUMNS = tuple(f"{task}_{spec.headline.name}" for task, spec in EVAL_T
 def comparison_table(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per configuration (label): group, strategy, mean experts (mean over the tasks it ran
     on, and per task), WikiText word perplexity, HellaSwag acc/acc_norm, LAMBADA acc and perplexity,
-    floor/ceiling rates — from :func:`bh_routing.report.runs_table`."""
+    floor/ceiling rates — from :func:`bh_routing.report_tables.runs_table`."""
     ok = runs[runs["status"] == "ok"]
     rows = {}
     for _, run in ok.iterrows():

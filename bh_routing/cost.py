@@ -36,10 +36,10 @@ _TOKEN_CACHE: dict = {}
 def run_tokens(run: "ex.Run", tokenizer, default_max_length: int = 4096) -> int:
     """Input tokens (non-padding) the evaluator feeds the model for ``run`` — counted exactly by
     building the run's requests (cached per task, items and length)."""
-    from . import data
     from .evaluation import TASKS, load_docs
+    from .prompt_sets import prompt_set
     if run.task == "prompts":
-        return sum(len(tokenizer(p["prompt"])["input_ids"]) for p in data.prompt_set("categories")) * max(1, run.new_tokens)
+        return sum(len(tokenizer(p["prompt"])["input_ids"]) for p in prompt_set("categories")) * max(1, run.new_tokens)
     max_length = run.max_length or default_max_length
     key = (id(tokenizer), run.task, run.n, run.seed, max_length)
     if key not in _TOKEN_CACHE:

@@ -365,7 +365,7 @@ def execute_prompts(context: SweepContext, run: Run, run_dir: Path) -> dict:
     statistics (``prompts.prompt_statistics``). Saves ``run_dir``.json (one row per prompt) and
     ``run_dir``.npz (per-token counts [L, T] and experts [L, T, K] of every prompt, concatenated;
     ``prompt`` [T] says which prompt each token belongs to)."""
-    from .data import prompt_set
+    from .prompt_sets import prompt_set
     from .patching import find_moe_blocks
     from .prompts import prompt_statistics, score_prompts
     scores = score_prompts(context.model, context.tokenizer, prompt_set("categories"), run.routing,

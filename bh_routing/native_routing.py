@@ -87,11 +87,12 @@ def text_sources(tokens_per_source: int, source: str = "auto", domains: bool = T
     the tiny model (:func:`domain_sample`); and the prompt sets' prompts, grouped by category
     (the domain prompts one by one)."""
     from . import data
+    from .prompt_sets import prompt_set
     docs = data.wikitext_split("evaluation", source).records
     n_docs = max(1, min(len(docs), math.ceil(tokens_per_source / 2000)))
     hellaswag = data.load_hellaswag(source, n=max(4, math.ceil(tokens_per_source / 30)))
     lambada = data.load_lambada(source, n=max(4, math.ceil(tokens_per_source / 60)))
-    prompts = data.prompt_set("categories")
+    prompts = prompt_set("categories")
     texts = {
         "WikiText (encyclopedia)": [data.wikitext_detokenize(d["page"]).strip() for d in docs[:n_docs]],
         "HellaSwag (everyday)": [f"{r['ctx']} {r['endings'][r['label']]}" for r in hellaswag],
@@ -470,7 +471,7 @@ def describe_token_views(views: pd.DataFrame) -> str:
 
 
 def describe_domains(token_perplexity: float, domains: pd.DataFrame, top_k: int) -> str:
-    """``domains``: :func:`bh_routing.report.per_domain` of the native evaluation."""
+    """``domains``: :func:`bh_routing.report_tables.per_domain` of the native evaluation."""
     per = ", ".join(f"{r.domain} {r.token_perplexity:.4g}" for r in domains.itertuples())
     return (f"Native top-{top_k}: token perplexity {token_perplexity:.4g} over "
             f"{int(domains['tokens'].sum()):,} held-out tokens; by domain {per}.")

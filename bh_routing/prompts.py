@@ -73,7 +73,7 @@ def _check_prompts(prompts) -> list[Mapping]:
     if not prompts or not all(isinstance(p, Mapping) and isinstance(p.get("prompt"), str) and "id" in p
                               for p in prompts):
         raise ValueError("prompts must be a non-empty list of records {'id', 'prompt'[, 'category']} "
-                         "(e.g. bh_routing.data.prompt_set('baseline'))")
+                         "(e.g. bh_routing.prompt_sets.prompt_set('baseline'))")
     ids = [p["id"] for p in prompts]
     if len(set(ids)) != len(ids):
         raise ValueError(f"prompt ids must be unique, got {ids}")
@@ -264,7 +264,7 @@ def time_routings(model, tokenizer, configs: Mapping[str, Mapping], calibration=
     mean experts per token), then ``repeats`` rounds, each timing every routing once, the order
     rotated by one each round; the median over rounds per routing. Returns a JSON-able dict with the
     machine, each round's order and seconds, and per routing the tokens/s of every round."""
-    from .data import prompt_set
+    from .prompt_sets import prompt_set
     if not configs:
         raise ValueError("configs is empty: pass {label: routing config} of the routings to time")
     for name, value in (("new_tokens", new_tokens), ("repeats", repeats)):

@@ -31,178 +31,27 @@ from __future__ import annotations
 
 import html
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import pandas as pd
 
 from . import findings as fd
 from . import plots
-from .evaluation import TASKS, EvalResult
+from .evaluation import TASKS
 from .models import describe_model
-from .selection import ADAPTIVE_DEFAULTS, STEPUP_DEFAULTS
 from .folder import PER_TASK_KEYS, read_context
 from .markdown import escape, markdown_table
 from .prompts import (PROMPT_STATS_COLUMNS, latency_table, load_cv_per_layer, prompt_stats_table, prompts_table,
                       read_latency)
+from .report_tables import (FIXED_K_STRATEGIES, NATIVE_K, SavedResults, comparisons_and_chance, domain_allocation,
+                            domains_table, items_and_length, runs_table)
 from .store import latest_by_run, read_results, write_atomic, write_json
 
-KNOB_COLUMNS = ("k", "alpha", "pvalues", "temperature", "weights_temperature", "min_k", "max_k", "p", "tau", "beta")
-NATIVE_K = 8
-FIXED_K_STRATEGIES = ("topk", "topk_renorm", "topk_uniform")   # experts per token fixed by the config
 TIMING_NOTE = ("Throughput is not shown from the runs: a sweep times each run once, without warm-up, while other "
                "runs and processes share the machine, so their tokens/s are not comparable across configurations. "
                "Only an interleaved timing (latency.json, written after a prompt sweep) is shown.")
-
-
-def runs_table(records: list[dict]) -> pd.DataFrame:
-    """One row per run record: label, task, strategy, knobs (BH defaults filled in), mean experts,
-    floor/ceiling rates, metrics, and two structured roles: ``native`` (top-k at k = 8, the
-    reference) and ``target_k`` (a run calibrated to a mean k̄: compared with top-k at that k)."""
-    rows = []
-    for r in records:
-        routing = r.get("routing") or {}
-        row = {"run_id": r["run_id"], "label": r["label"], "group": r.get("group", ""), "task": r["task"],
-               "strategy": r.get("strategy") or routing.get("strategy"), "status": r["status"],
-               "n_items": r.get("n_items", r.get("n")), "max_length": r.get("max_length"),
-               "seconds": r.get("seconds"), "tokens_per_s_single_pass": r.get("tokens_per_s"),
-               "mean_experts": (r.get("experts") or {}).get("mean_experts"),
-               "floor_rate": r.get("floor_rate"), "ceiling_rate": r.get("ceiling_rate"),
-               "error": r.get("error")}
-        row |= {knob: routing.get(knob) for knob in KNOB_COLUMNS}
-        if "per_layer" in routing:
-            row["pvalues"] = "per-layer"
-        if routing.get("strategy") in ("bh", "by"):  # show the defaults build_router applied
-            row |= {knob: default for knob, default in {**ADAPTIVE_DEFAULTS, **STEPUP_DEFAULTS}.items()
-                    if row.get(knob) is None}
-        row["target_k"] = (routing.get("calibrated") or {}).get("target_k", routing.get("target_k"))
-        row["native"] = (row["strategy"] == "topk" and routing.get("k") in (NATIVE_K, None)
-                         and row["target_k"] is None)
-        row |= {name: value for name, value in (r.get("metrics") or {}).items()}
-        rows.append(row)
-    frame = pd.DataFrame(rows)
-    if not frame.empty:
-        frame["reduction_pct"] = 100.0 * (1.0 - frame["mean_experts"].astype(float) / NATIVE_K)
-    return frame
-
-
-def _budget(frame: pd.DataFrame) -> str:
-    """'n = 60 items, max_length 256' for the runs of one task."""
-    n, length = frame["n_items"].dropna(), frame["max_length"].dropna()
-    return (f"n = {int(n.iloc[0]) if len(n) else 'all'} items"
-            + (f", max_length {int(length.iloc[0])}" if len(length) else ""))
-
-
-# --------------------------------------------------------------------------- comparisons
-
-
-class _Results:
-    """Each run's saved EvalResult, loaded once; ``available`` names the runs whose files are gone."""
-
-    def __init__(self, folder: Path):
-        self.folder, self.cache, self.missing = folder, {}, []
-
-    def __call__(self, run_id: str) -> EvalResult:
-        if run_id not in self.cache:
-            self.cache[run_id] = EvalResult.load(self.folder / "runs" / run_id)
-        return self.cache[run_id]
-
-    def available(self, run_id: str) -> bool:
-        try:
-            self(run_id)
-            return True
-        except (OSError, ValueError, KeyError) as error:  # np.load / json: missing or truncated files
-            self.missing.append(f"{run_id} ({type(error).__name__})")
-            return False
-
-
-def _comparison(task: str, candidate, reference, load: _Results, matched: bool) -> fd.Comparison | None:
-    a, b = load(candidate["run_id"]), load(reference["run_id"])
-    if not np.array_equal(a.token_ids, b.token_ids) or len(a.items) < 2:
-        return None   # different items or max_length: not paired
-    column = TASKS[task].outcome.column
-    return fd.Comparison(task, candidate["label"], reference["label"], TASKS[task].outcome,
-                         a.items[column].to_numpy(float), b.items[column].to_numpy(float),
-                         candidate_k=float(candidate["mean_experts"]), reference_k=float(reference["mean_experts"]),
-                         matched=matched)
-
-
-def comparisons_and_chance(runs: pd.DataFrame, load: _Results
-                           ) -> tuple[list[fd.Comparison], list[fd.ChanceCheck], list[str]]:
-    """Per task: every ok run vs native top-8, a calibrated run also vs top-k at its target k̄;
-    a chance check of native top-8 on each accuracy headline; notes on tasks that allow no test."""
-    comparisons, checks, notes = [], [], []
-    ok = runs[(runs["status"] == "ok") & runs["task"].isin(TASKS)]
-    for task, frame in ok.groupby("task", sort=False):
-        natives = frame[frame["native"]]
-        if natives.empty:
-            notes.append(f"{task}: native top-8 did not run: nothing to compare with.")
-            continue
-        native = natives.iloc[0]
-        n_items = len(load(native["run_id"]).items)
-        if n_items < 2:
-            notes.append(f"{task}: {n_items} {TASKS[task].outcome.unit}: no paired test is possible; "
-                         "its numbers are descriptive.")
-            continue
-        headline = TASKS[task].headline
-        if headline.chance is not None:
-            correct = load(native["run_id"]).items[headline.name].to_numpy(float)
-            checks.append(fd.chance_check(task, headline.name, correct, headline.chance))
-        for _, run in frame.iterrows():
-            if run["run_id"] == native["run_id"]:
-                continue
-            pairs = [(native, False)]
-            if pd.notna(run["target_k"]):
-                topk = frame[(frame["strategy"] == "topk") & (frame["k"].astype(float) == float(run["target_k"]))
-                             & frame["target_k"].isna()]
-                pairs += [(reference, True) for _, reference in topk.head(1).iterrows()
-                          if reference["run_id"] != native["run_id"]]
-            for reference, matched in pairs:
-                comparison = _comparison(task, run, reference, load, matched)
-                if comparison is not None:
-                    comparisons.append(comparison)
-    return comparisons, checks, notes
-
-
-def per_domain(result: EvalResult) -> pd.DataFrame:
-    """One domains-task result per domain: documents, tokens, token perplexity and (with a recorder)
-    mean experts per token, token-weighted."""
-    rows = []
-    for domain, frame in result.items.groupby("domain", sort=False):
-        row = {"domain": domain, "documents": len(frame), "tokens": int(frame["n_tokens"].sum()),
-               "token_perplexity": math.exp(-frame["logprob"].sum() / frame["n_tokens"].sum())}
-        if "experts_per_token" in frame:
-            row["mean_experts"] = float(np.average(frame["experts_per_token"], weights=frame["n_tokens"]))
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def domains_table(runs: pd.DataFrame, load: _Results) -> pd.DataFrame:
-    """The domains task: :func:`per_domain` of every ok run, with its label and strategy."""
-    frames = [per_domain(load(run["run_id"])).assign(label=run["label"], strategy=run["strategy"])
-              for _, run in runs[(runs["status"] == "ok") & (runs["task"] == "domains")].iterrows()]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
-def domain_allocation(runs: pd.DataFrame, load: _Results, alpha: float = fd.ALPHA) -> pd.DataFrame:
-    """Does an adaptive run give some domains more experts than others? Kruskal–Wallis over the
-    documents' mean experts per token across domains, per run whose count is not fixed by its
-    configuration (top-k's is), BH over those runs."""
-    rows = []
-    adaptive = runs[(runs["status"] == "ok") & (runs["task"] == "domains") & ~runs["strategy"].isin(FIXED_K_STRATEGIES)]
-    for _, run in adaptive.iterrows():
-        items = load(run["run_id"]).items
-        if "experts_per_token" not in items:
-            continue
-        test = fd.across_groups(items["experts_per_token"].to_numpy(float), items["domain"].to_numpy())
-        rows.append({"label": run["label"], **test})
-    frame = pd.DataFrame(rows)
-    if not frame.empty:
-        frame["p_adjusted"], frame["differs"] = fd.bh_adjust(frame["pvalue"].to_numpy(float), alpha)
-    return frame
 
 
 # --------------------------------------------------------------------------- figures
@@ -244,14 +93,14 @@ def make_figures(runs: pd.DataFrame, prompts: pd.DataFrame, domains: pd.DataFram
             made.append(Figure(f"pareto_{task}", f"{task}: {metric.name} vs mean active experts; the staircase is "
                                                  "the descriptive Pareto frontier of the point estimates (not a test).",
                                plots.plot_pareto(frame, quality=metric.name, higher_is_better=metric.higher_is_better,
-                                                 dataset=None, logy=log, subtitle=f"{subtitle} · {_budget(frame)}",
+                                                 dataset=None, logy=log, subtitle=f"{subtitle} · {items_and_length(frame)}",
                                                  title=f"{task}: {metric.name} vs mean active experts (descriptive)")))
     tasks = [t for t in TASKS if t in set(ok["task"])]
     first = ok[ok["task"] == tasks[0]] if tasks else ok.iloc[:0]
     if len(first) >= 2:
         made.append(Figure("experts_by_config", "Mean active experts per token and layer by configuration.",
                            plots.plot_experts_by_config(first, subtitle=f"{subtitle} · {first['task'].iloc[0]}, "
-                                                                        f"{_budget(first)}")))
+                                                                        f"{items_and_length(first)}")))
     first_task = first[first["task"] == first["task"].iloc[0]] if len(first) else first
     alpha = _sweeps_of(first_task, "alpha", ("pvalues", "temperature", "max_k", "min_k"))
     if len(alpha) >= 2:
@@ -396,7 +245,7 @@ class Report:
         for task in ok["task"].unique():
             frame = ok[ok["task"] == task]
             metrics = [m.name for m in TASKS[task].metrics if m.name in frame] if task in TASKS else []
-            out += [f"### {task} ({_budget(frame)})", "",
+            out += [f"### {task} ({items_and_length(frame)})", "",
                     markdown_table(frame, ["label", "mean_experts", "floor_rate", "ceiling_rate", *metrics], digits=3), ""]
             at_chance = any(c.task == task and c.at_chance for c in self.chance)
             if task in TASKS and TASKS[task].headline.name in frame and len(frame) >= 2 and not at_chance:
@@ -510,7 +359,7 @@ def build_report(folder: str | Path, alpha: float = fd.ALPHA, k_tolerance: float
     sweep = json.loads((folder / "sweep.json").read_text()) if (folder / "sweep.json").exists() else {}
     records, excluded, context = of_one_context(records, read_context(folder))
     runs = runs_table(records)
-    load = _Results(folder)
+    load = SavedResults(folder)
     saved = (runs["status"] == "ok") & runs["task"].isin(TASKS)       # runs whose EvalResult was saved
     lost = {run_id for run_id in runs.loc[saved, "run_id"] if not load.available(run_id)}
     usable = runs[~runs["run_id"].isin(lost)]

@@ -63,7 +63,7 @@ TEMPERATURES = (0.05, 0.1, 0.2, 0.5, 1.0)  # softmax p-values only: calibrated o
 WEIGHTS_TEMPERATURES = (0.5, 0.75, 1.0, 1.5, 2.0)  # mixing weights at a fixed BH selection
 GRID_ALPHAS, MAX_KS = (0.01, 0.05, 0.10), (8, 16, 32, 64)  # the α x max_k grid
 TOPK_KS = (16, 32, 64)  # top-k beside BH's max_k
-BASELINE_PROMPTS, COMPARISON_PROMPTS = "baseline", "comparison"  # prompt sets (bh_routing.data)
+BASELINE_PROMPTS, COMPARISON_PROMPTS = "baseline", "comparison"  # bh_routing.prompt_sets
 
 # %% [markdown]
 # ## Setup
@@ -111,7 +111,7 @@ from bh_routing import runtime
 runtime.use_drive(DRIVE)  # before transformers is imported: HF_HOME on Drive
 from IPython.display import display
 from bh_routing import deep_dive as dd, experiments as ex, session as sessions
-from bh_routing.data import prompt_set
+from bh_routing.prompt_sets import prompt_set
 from bh_routing.prompts import score_prompts
 
 session = sessions.start_session("02", model=MODEL, budget=BUDGET, out=OUT, seed=SEED, drive=DRIVE)

@@ -85,7 +85,7 @@ def test_subsample_keeps_the_same_tokens_in_every_layer():
 
 @needs_tiny
 def test_patch_vs_analyze_and_reroute():
-    from bh_routing.data import prompt_set
+    from bh_routing.prompt_sets import prompt_set
     from bh_routing.models import load_model
     model, tokenizer = load_model("tiny", verbose=False)
     prompts = prompt_set("baseline")

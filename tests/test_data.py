@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bh_routing import data
+from bh_routing import data, prompt_sets
 from bh_routing.data import DataUnavailableError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -244,7 +244,7 @@ def test_wikitext_detokenize():
 # --- prompt sets ---------------------------------------------------------------------------------------
 
 def test_prompt_sets():
-    baseline, categories, comparison = (data.prompt_set(n) for n in data.PROMPT_SETS)
+    baseline, categories, comparison = (prompt_sets.prompt_set(n) for n in prompt_sets.PROMPT_SETS)
     assert [p["category"] for p in baseline] == ["simple", "medium", "complex"]
     assert len(categories) == 12
     assert {c: sum(p["category"] == c for p in categories) for c in ("simple", "medium", "complex", "domain")} \
@@ -257,7 +257,7 @@ def test_prompt_sets():
     assert [p["id"] for p in categories if p["category"] == "domain"] == \
         ["domain-biomedical", "domain-math", "domain-code"]
     with pytest.raises(ValueError):
-        data.prompt_set("nope")
+        prompt_sets.prompt_set("nope")
 
 
 def test_data_module_imports_neither_torch_nor_datasets():

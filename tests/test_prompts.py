@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bh_routing import prompts as bp
-from bh_routing.data import prompt_set
+from bh_routing.prompt_sets import prompt_set
 from bh_routing.evaluation import encode, prefix_token_id
 from bh_routing.patching import RoutingPatch
 from conftest import needs_tiny
