@@ -13,9 +13,9 @@ does (encode context + continuation whole, then split at the context's length), 
 left to `max_length + 1` tokens; the model reads all but the last token and the continuation tokens
 are scored. One forward pass per batch, never `generate()`.
 
-Speed: requests are sorted by length (length bucketing, so a batch holds sequences of nearly the
-same length and padding is minimal), packed into batches under a token budget that fits the device
-(halved and retried on out-of-memory), and the vocabulary projection runs only at the positions
+Speed: requests are sorted by length and split into batches under a token budget that fits the
+device (halved and retried on out-of-memory), the split with the fewest padded tokens plus a fixed
+cost per forward pass (`batching.plan_batches`), and the vocabulary projection runs only at the positions
 that are scored (a HellaSwag/LAMBADA context costs no logits at all). HellaSwag's four endings share
 one pass over their context: one packed row per item with a 4-D attention mask (`share_prefix`).
 

@@ -1,5 +1,6 @@
-"""Scoring: one forward pass per batch, log-probabilities at the scored positions only; length
-bucketing under a token budget (halved on out-of-memory), shared-prefix packing, routing counts."""
+"""Scoring: one forward pass per batch, log-probabilities at the scored positions only; batches of
+length-sorted requests under a token budget (halved on out-of-memory), shared-prefix packing,
+routing counts."""
 from __future__ import annotations
 
 import itertools
