@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from bh_routing import bh_diagnostics as bhd, deep_dive, native_routing as native
+from bh_routing import bh_diagnostics as bhd, deep_dive_readings, native_routing as native
 from bh_routing import routing_plots as rplots, session as sessions
 from bh_routing.pvalues import compute_pvalues
 from bh_routing.selection import route
@@ -65,7 +65,7 @@ def test_pvalue_diagnostics_and_alpha_curve():
     one = curve[(curve.pvalues == "zscore") & (curve.alpha == 0.2) & (curve.layer == 1)].iloc[0]
     counts = route(fresh[1], {"strategy": "bh", "pvalues": "zscore", "alpha": 0.2}, layer=1).counts
     assert one["mean_experts"] == pytest.approx(counts.float().mean().item())
-    reach = deep_dive.alpha_reaching(curve, targets=(2.0,))
+    reach = deep_dive_readings.alpha_reaching(curve, targets=(2.0,))
     for r in reach.itertuples():
         means = curve[curve.pvalues == r.pvalues].groupby("alpha")["mean_experts"].mean()
         hit = means[means >= 2.0]

@@ -1,4 +1,4 @@
-"""bh_routing.deep_dive: notebook 02's tables and readings state this run's numbers (checked against
+"""bh_routing.deep_dive_readings: notebook 02's tables and readings state this run's numbers (checked against
 the frames they read, recomputed independently)."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
-from bh_routing import analysis, deep_dive as dd
+from bh_routing import analysis, deep_dive_readings as dd
 
 
 def sweep_runs() -> pd.DataFrame:
