@@ -5,14 +5,14 @@
 
 Naive loop = one unbatched forward per request with full logits and a log-softmax over every
 position (lm-eval at batch size 1). Evaluator = `bh_routing.evaluation.score_requests` as
-`evaluate` runs it: batches planned by `batching.plan_batches`, logits at the scored positions only, HellaSwag's
-endings packed with their shared context (also timed without, for the record). Both score exactly
-the same tokens; the script checks that they agree (max |delta log-prob|) before reporting tokens/s
-(the requests' input tokens per second of scoring, the same count for every method; tokenisation,
-shared by both, is reported separately). With
---repeats R every measurement (evaluator, naive loop, and the decoder and scoring rates of the
-speedup bound) runs once per round, R interleaved rounds; the evaluator's share of the bound is
-reported from the medians of the rounds (the figure to read) and from the fastest rounds.
+`evaluate` runs it: batches planned by `batching.plan_batches`, logits at the scored positions
+only, HellaSwag's endings packed with their shared context (also timed without, for the record).
+Both score exactly the same tokens; the script checks that they agree (max |delta log-prob|) before
+reporting tokens/s (the requests' input tokens per second of scoring, the same count for every
+method; tokenisation, shared by both, is reported separately). With --repeats R every measurement
+(evaluator, naive loop, and the decoder and scoring rates of the speedup bound) runs once per
+round, R interleaved rounds; the evaluator's share of the bound is reported from the medians of the
+rounds (the figure to read) and from the fastest rounds.
 Writes bench/results/eval_<device>.json.
 """
 from __future__ import annotations
@@ -99,8 +99,8 @@ def evaluator_shapes(model, requests, pad: int) -> list[tuple[int, int]]:
 
 def decoder_floor_s(row_tokens: list[int], forward: list[dict]) -> float:
     """Seconds the bare decoder needs at least for rows of these lengths: each row at the best rate
-    (any batch size, any round) measured for rows no longer than it (the shortest grid length for
-    shorter rows), an optimistic figure since longer rows only cost more per token."""
+    in `forward` (any batch size) for rows no longer than it (the shortest grid length for shorter
+    rows), an optimistic figure since longer rows only cost more per token."""
     best = {}
     for f in forward:
         best[f["length"]] = max(best.get(f["length"], 0.0), f["tokens_per_s"])
@@ -164,7 +164,7 @@ def main(argv=None) -> None:
             batch_shapes[task] = evaluator_shapes(model, requests, pad)                  # also the warm-up
 
     # Rounds: each runs every method of every task once, then the decoder and scoring rates of the
-    # bound. Each figure keeps its fastest round; interleaving puts all of them under the same conditions.
+    # bound; interleaving puts all of them under the same conditions (medians and fastest rounds below).
     runs = {task: [] for task, *_ in tasks}
     forward_rounds, scoring_rates = [], []
     own_shape_rounds = []   # per round: task -> seconds of the bare decoder on the evaluator's own batch shapes

@@ -15,8 +15,8 @@ are scored. One forward pass per batch, never `generate()`.
 
 Speed: requests are sorted by length and split into batches under a token budget that fits the
 device (halved and retried on out-of-memory), the split with the fewest padded tokens plus a fixed
-cost per forward pass (`batching.plan_batches`), and the vocabulary projection runs only at the positions
-that are scored (a HellaSwag/LAMBADA context costs no logits at all). HellaSwag's four endings share
+cost per forward pass (`batching.plan_batches`), and the vocabulary projection runs only at the
+positions that are scored (a HellaSwag/LAMBADA context costs no logits at all). HellaSwag's four endings share
 one pass over their context: one packed row per item with a 4-D attention mask (`share_prefix`).
 
 Results keep every scored token's log-probability, flat and in a fixed order, so two routing

@@ -132,8 +132,8 @@ def score_requests(model, requests: Sequence[Request], *, batch_size: int | str 
     batch_size: "auto" splits the length-sorted requests into batches under a token budget
         (`max_batch_tokens`, default `auto_batch_tokens`), the split with the fewest padded tokens
         plus a fixed cost per forward pass (`batching.plan_batches`); an int fixes the number of
-        sequences per batch. Either way an out-of-memory error
-        halves the batch and the evaluation goes on.
+        sequences per batch. Either way an out-of-memory error halves the batch and the evaluation
+        goes on.
     padding_side: "right" or "left"; scores do not depend on it (positions come from the mask).
     share_prefix: requests whose unscored inputs are identical (HellaSwag's 4 endings) run that
         prefix once, packed in one row with their scored parts (`_score_shared_batch`): same scores,
