@@ -13,7 +13,7 @@ method; tokenisation, shared by both, is reported separately). With --repeats R 
 (evaluator, naive loop, and the decoder and scoring rates of the speedup bound) runs once per
 round, R interleaved rounds; the evaluator's share of the bound is reported from the medians of the
 rounds (the figure to read) and from the fastest rounds.
-Writes bench/results/eval_<device>.json.
+Writes bench/results/eval_<device>_<threads>thread_<stamp>.json (--out: another folder).
 """
 from __future__ import annotations
 
@@ -139,7 +139,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds; each figure keeps its fastest")
     parser.add_argument("--max-length", type=int, default=None, help="default: the model's context length")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="folder for the JSON")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -270,7 +270,8 @@ def main(argv=None) -> None:
               "tasks": rows, "overall": summary, "forward_throughput": forward,
               "forward_throughput_median": forward_median, "scoring_tokens_per_s": scoring_rate,
               "scoring_tokens_per_s_median": scoring_median}
-    out = Path(args.out or Path(__file__).parent / "results" / f"eval_{machine['device'].split(':')[0]}.json")
+    out = Path(args.out) / (f"eval_{machine['device'].split(':')[0]}_{machine['torch_threads']}thread_"
+                            f"{time.strftime('%Y%m%d-%H%M%S')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     print(f"wrote {out}")

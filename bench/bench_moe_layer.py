@@ -219,8 +219,9 @@ def bench_model(shape: dict, layers: int, vocab: int, batch: int, args, device, 
                "patched topk k=4": RoutingPatch(model, {"strategy": "topk", "k": 4}, record=False, verbose=False)}
     forward = lambda: model(input_ids, use_cache=False)  # noqa: E731
     variants = {"unpatched": forward}
-    for label, patch in patches.items():
-        variants[label] = (lambda p: lambda: (_with(p, forward), p.recorder and p.recorder.clear()))(patch)
+    for label, patch in patches.items():   # a recording patch is cleared after each call, as a sweep does
+        clear = patch.recorder.clear if hasattr(patch, "recorder") else (lambda: None)
+        variants[label] = (lambda p, clear: lambda: (_with(p, forward), clear()))(patch, clear)
     times = timed(variants, args.repeats, args.warmup, device)
     with torch.no_grad(), RoutingPatch(model, None, layers=variable, verbose=False) as recording:  # the k the model really used
         model(input_ids, use_cache=False)

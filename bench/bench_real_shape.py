@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -123,7 +124,8 @@ def profile_table(model, tokens: int, dtype, rows: int = 25) -> str:
 def bench_model_eval(layers: int, dtype, items: int, repeats: int) -> dict:
     """A full-width OLMoE of ``layers`` decoder layers (attention + MoE, vocab 50,304, random weights):
     the evaluator's input tokens/s on HellaSwag (bundled, ``items`` items, 512-token windows) under each
-    routing, rounds interleaved, the fastest kept."""
+    routing, rounds interleaved, the fastest kept; and how far each routing's per-token log-probabilities
+    are from the unpatched model's (top-8, native or compact dispatch, must score as the model does)."""
     from transformers import AutoTokenizer
 
     from bh_routing import evaluation as ev
@@ -141,16 +143,21 @@ def bench_model_eval(layers: int, dtype, items: int, repeats: int) -> dict:
         with patch if patch is not None else contextlib.nullcontext():
             return ev.evaluate(model, tokenizer, "hellaswag", n=items, seed=0, source="bundled", max_length=512)
     evaluate(None)  # warm-up
-    rates = {label: [] for label in sides}
+    rates, scores = {label: [] for label in sides}, {}
     for _ in range(repeats):
         for label, patch in sides.items():
-            rates[label].append(evaluate(patch).config["scoring"]["input_tokens_per_s"])
+            scores[label] = evaluate(patch)
+            rates[label].append(scores[label].config["scoring"]["input_tokens_per_s"])
     best = {label: max(r) for label, r in rates.items()}
     result = {"layers": layers, "dtype": str(dtype), "items": items, "tokens_per_s": best, "all_rounds": rates,
-              "relative_to_unpatched": {label: v / best["unpatched"] for label, v in best.items()}}
+              "relative_to_unpatched": {label: v / best["unpatched"] for label, v in best.items()},
+              "max_abs_logprob_delta_vs_unpatched": {
+                  label: float(np.abs(r.token_logprobs - scores["unpatched"].token_logprobs).max())
+                  for label, r in scores.items()}}
     print(f"\n== full-width model, {layers} layers, {dtype}, HellaSwag {items} items: evaluator tokens/s")
     for label, value in best.items():
-        print(f"   {label:20s} {value:8.1f} tok/s  {result['relative_to_unpatched'][label]:6.3f}x")
+        print(f"   {label:20s} {value:8.1f} tok/s  {result['relative_to_unpatched'][label]:6.3f}x  max |d log-prob| vs "
+              f"unpatched {result['max_abs_logprob_delta_vs_unpatched'][label]:.1e}")
     return result
 
 

@@ -25,7 +25,7 @@ from bench_eval import load  # noqa: E402
 from bench_moe_layer import machine_info  # noqa: E402
 from bh_routing import evaluation as ev  # noqa: E402
 
-TASKS = {"hellaswag": 50, "lambada": 100, "wikitext": 2}
+TASKS = {"hellaswag": 50, "lambada": 100, "wikitext": 2}   # items (WikiText: articles) by default
 
 
 SIDES = {"evaluator": ("native", "auto"), "lm-eval b1": ("lm-eval", 1), "lm-eval b8": ("lm-eval", 8)}
@@ -42,8 +42,11 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--repeats", type=int, default=3)
+    for task, n in TASKS.items():
+        parser.add_argument(f"--{task}", type=int, default=n, help=f"items (default {n})")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
+    tasks = {task: getattr(args, task) for task in TASKS}
     model, tokenizer, name = load("tiny", "cpu", 256)
     report = {"model": name, "machine": machine_info(torch.device("cpu")), "args": vars(args), "runs": []}
     out = Path(args.out)
@@ -51,24 +54,24 @@ def main(argv=None) -> dict:
     path = out / f"vs_lm_eval_cpu_{time.strftime('%Y%m%d-%H%M%S')}.json"
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
-        for task, n in TASKS.items():  # warm-up
+        for task in tasks:  # warm-up
             ev.evaluate(model, tokenizer, task, n=2, source="bundled")
-        seconds = {(task, side): [] for task in TASKS for side in SIDES}
+        seconds = {(task, side): [] for task in tasks for side in SIDES}
         metrics = {}
         for _ in range(args.repeats):
-            for task, n in TASKS.items():
+            for task, n in tasks.items():
                 for side in SIDES:
                     elapsed, result = timed_evaluate(model, tokenizer, task, n, side)
                     seconds[task, side].append(elapsed)
                     metrics[task, side] = result.metrics
         rows = []
-        for task in TASKS:
+        for task in tasks:
             best = {side: min(seconds[task, side]) for side in SIDES}
             ours = metrics[task, "evaluator"]
             delta = {side: max(abs(ours[k] - metrics[task, side][k]) / max(abs(metrics[task, side][k]), 1e-12)
                                for k in ours if k in metrics[task, side] and not k.endswith("stderr"))
                      for side in SIDES if side != "evaluator"}
-            rows.append({"task": task, "items": TASKS[task], "best_seconds": best,
+            rows.append({"task": task, "items": tasks[task], "best_seconds": best,
                          "speedup": {side: best[side] / best["evaluator"] for side in SIDES if side != "evaluator"},
                          "all_seconds": {side: seconds[task, side] for side in SIDES},
                          "metrics": ours, "max_relative_metric_delta": delta})

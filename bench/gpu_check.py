@@ -237,12 +237,12 @@ def main(argv=None) -> int:
         model = build_model(shape["hidden"], shape["intermediate"], shape["experts"], shape["top_k"],
                             shape["layers"], shape["vocab"], dtype, device)
         if dtype == torch.float16:
-            section("t4_plan", lambda: section_t4(model, device, 8 if args.tiny else 100))
+            section("t4_plan", lambda model=model: section_t4(model, device, 8 if args.tiny else 100))
             if device.type == "cuda":
                 torch.cuda.set_per_process_memory_fraction(1.0)
-        section(f"model_{dtype_name}", lambda: section_model(model, device, batch, length, repeats))
+        section(f"model_{dtype_name}", lambda model=model: section_model(model, device, batch, length, repeats))
         if dtype_name == args.dtypes.split(",")[-1]:
-            section("evaluator", lambda: section_evaluator(model, device, 8 if args.tiny else 200))
+            section("evaluator", lambda model=model: section_evaluator(model, device, 8 if args.tiny else 200))
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
