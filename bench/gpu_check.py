@@ -145,15 +145,16 @@ def _tokenizer():
 
 def section_evaluator(model, device, n: int, max_batch_tokens: int | None = None) -> dict:
     tokenizer = _tokenizer()
-    ev.evaluate(model, tokenizer, "hellaswag", n=4, seed=1, max_length=512, max_batch_tokens=max_batch_tokens)  # warm-up
+    ev.evaluate(model, tokenizer, "hellaswag", n=4, seed=1, source="bundled", max_length=512,
+                max_batch_tokens=max_batch_tokens)  # warm-up
     out = {}
     for label, config in (("unpatched", None), ("bh zscore", BH)):
         if config is None:
-            result = ev.evaluate(model, tokenizer, "hellaswag", n=n, seed=0, max_length=512,
+            result = ev.evaluate(model, tokenizer, "hellaswag", n=n, seed=0, source="bundled", max_length=512,
                                  max_batch_tokens=max_batch_tokens)
         else:
             with RoutingPatch(model, config, verbose=False):
-                result = ev.evaluate(model, tokenizer, "hellaswag", n=n, seed=0, max_length=512,
+                result = ev.evaluate(model, tokenizer, "hellaswag", n=n, seed=0, source="bundled", max_length=512,
                                      max_batch_tokens=max_batch_tokens)
         scoring = result.config["scoring"]
         check_finite(torch.as_tensor(result.token_logprobs), f"evaluator {label} log-probabilities")
