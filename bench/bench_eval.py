@@ -136,7 +136,7 @@ def main(argv=None) -> None:
     parser.add_argument("--hellaswag", type=int, default=50, help="items (4 requests each)")
     parser.add_argument("--lambada", type=int, default=100, help="items")
     parser.add_argument("--wikitext", type=int, default=2, help="articles")
-    parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds; each figure keeps its fastest")
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds (the share of the bound is read from their medians)")
     parser.add_argument("--max-length", type=int, default=None, help="default: the model's context length")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="folder for the JSON")

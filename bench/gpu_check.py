@@ -145,17 +145,15 @@ def _tokenizer():
 
 def section_evaluator(model, device, n: int, max_batch_tokens: int | None = None) -> dict:
     tokenizer = _tokenizer()
-    ev.evaluate(model, tokenizer, "hellaswag", n=4, seed=1, source="bundled", max_length=512,
-                max_batch_tokens=max_batch_tokens)  # warm-up
+
+    def hellaswag(items: int, seed: int):
+        return ev.evaluate(model, tokenizer, "hellaswag", n=items, seed=seed, source="bundled", max_length=512,
+                           max_batch_tokens=max_batch_tokens)
+    hellaswag(4, seed=1)  # warm-up
     out = {}
     for label, config in (("unpatched", None), ("bh zscore", BH)):
-        if config is None:
-            result = ev.evaluate(model, tokenizer, "hellaswag", n=n, seed=0, source="bundled", max_length=512,
-                                 max_batch_tokens=max_batch_tokens)
-        else:
-            with RoutingPatch(model, config, verbose=False):
-                result = ev.evaluate(model, tokenizer, "hellaswag", n=n, seed=0, source="bundled", max_length=512,
-                                     max_batch_tokens=max_batch_tokens)
+        with RoutingPatch(model, config, verbose=False) if config else contextlib.nullcontext():
+            result = hellaswag(n, seed=0)
         scoring = result.config["scoring"]
         check_finite(torch.as_tensor(result.token_logprobs), f"evaluator {label} log-probabilities")
         out[label] = {key: scoring[key] for key in ("input_tokens_per_s", "seconds", "input_tokens", "n_batches",
