@@ -47,6 +47,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
     tasks = {task: getattr(args, task) for task in TASKS}
+    for task, n in tasks.items():
+        if n < 1:
+            parser.error(f"--{task} must be at least 1 (items to evaluate), got {n}")
     model, tokenizer, name = load("tiny", "cpu", 256)
     report = {"model": name, "machine": machine_info(torch.device("cpu")), "args": vars(args), "runs": []}
     out = Path(args.out)

@@ -95,3 +95,11 @@ def test_bench_real_shape_model(tmp_path):
     assert delta["top-8 native"] == 0.0 and delta["top-8 compact"] <= 1e-3   # the model's own routing
     assert delta["k~4 compact"] > 0.01                                      # fewer experts: other scores
     assert all(rate > 0 for rate in run["tokens_per_s"].values())
+
+
+def test_bench_vs_lm_eval_refuses_an_empty_task_before_loading(tmp_path):
+    done = subprocess.run([sys.executable, "bench/bench_vs_lm_eval.py", "--lambada", "0", "--out", str(tmp_path)],
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "--lambada must be at least 1" in done.stderr
+    assert not list(tmp_path.iterdir())
