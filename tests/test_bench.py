@@ -14,11 +14,16 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
+def bench_process(script: str, tmp_path: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """bench/<script> run as its docstring says (from the repository root), with --out tmp_path."""
+    return subprocess.run([sys.executable, f"bench/{script}", *args, "--out", str(tmp_path)], cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
 def run_bench(script: str, tmp_path: Path, *args: str) -> dict:
     """Runs bench/<script> with --out tmp_path; returns its one JSON."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, f"bench/{script}", *args, "--out", str(tmp_path)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = bench_process(script, tmp_path, *args)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     (path,) = tmp_path.glob("*.json")
     return json.loads(path.read_text())
@@ -98,8 +103,6 @@ def test_bench_real_shape_model(tmp_path):
 
 
 def test_bench_vs_lm_eval_refuses_an_empty_task_before_loading(tmp_path):
-    done = subprocess.run([sys.executable, "bench/bench_vs_lm_eval.py", "--lambada", "0", "--out", str(tmp_path)],
-                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
-                          timeout=120)
+    done = bench_process("bench_vs_lm_eval.py", tmp_path, "--lambada", "0", timeout=120)
     assert done.returncode == 2 and "--lambada must be at least 1" in done.stderr
     assert not list(tmp_path.iterdir())
